@@ -1,0 +1,129 @@
+"""Config keys shared by every openseg method.
+
+Method-specific keys live in `projects/<name>/config.py` as `add_<name>_config(cfg)`.
+Keys follow Mask2Former's names so that its published YAML files read unchanged.
+"""
+import importlib
+import pkgutil
+from typing import List, Optional
+
+from detectron2.config import CfgNode as CN
+from detectron2.config import get_cfg
+
+
+def add_openseg_config(cfg: CN) -> None:
+    """Add the keys of the shared data pipeline, Mask2Former core and evaluation to `cfg`."""
+    # ---------------------------------------------------------------- data
+    cfg.INPUT.DATASET_MAPPER_NAME = "panoptic"  # panoptic | instance | semantic | panoptic_lsj | instance_lsj
+    cfg.INPUT.COLOR_AUG_SSD = False
+    cfg.INPUT.SIZE_DIVISIBILITY = -1
+    cfg.INPUT.CROP.SINGLE_CATEGORY_MAX_AREA = 1.0
+    # large-scale jitter (LSJ): square IMAGE_SIZE crops of images rescaled by [MIN, MAX]
+    cfg.INPUT.IMAGE_SIZE = 1024
+    cfg.INPUT.MIN_SCALE = 0.1
+    cfg.INPUT.MAX_SCALE = 2.0
+
+    cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS = True
+
+    # ---------------------------------------------------------------- solver
+    cfg.SOLVER.OPTIMIZER = "ADAMW"
+    cfg.SOLVER.BACKBONE_MULTIPLIER = 0.1
+    cfg.SOLVER.WEIGHT_DECAY_EMBED = 0.0
+    cfg.SOLVER.POLY_LR_POWER = 0.9
+    cfg.SOLVER.POLY_LR_CONSTANT_ENDING = 0.0
+
+    # True for methods whose classifier embeds the test dataset's class names (any vocabulary);
+    # False for a fixed MODEL.SEM_SEG_HEAD.NUM_CLASSES-way classifier
+    cfg.MODEL.OPEN_VOCABULARY = False
+
+    # ---------------------------------------------------------------- backbones
+    cfg.MODEL.CLIP = CN()
+    cfg.MODEL.CLIP.MODEL_NAME = "convnext_large_d_320"
+    # local file with open_clip weights; "" = random init (logged), nothing is downloaded
+    cfg.MODEL.CLIP.PRETRAINED_PATH = ""
+    cfg.MODEL.CLIP.FROZEN = True
+    cfg.MODEL.CLIP.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
+
+    # ---------------------------------------------------------------- pixel decoder
+    cfg.MODEL.SEM_SEG_HEAD.MASK_DIM = 256
+    cfg.MODEL.SEM_SEG_HEAD.TRANSFORMER_ENC_LAYERS = 6
+    cfg.MODEL.SEM_SEG_HEAD.PIXEL_DECODER_NAME = "MSDeformAttnPixelDecoder"
+    cfg.MODEL.SEM_SEG_HEAD.DEFORMABLE_TRANSFORMER_ENCODER_IN_FEATURES = ["res3", "res4", "res5"]
+    cfg.MODEL.SEM_SEG_HEAD.DEFORMABLE_TRANSFORMER_ENCODER_N_POINTS = 4
+    cfg.MODEL.SEM_SEG_HEAD.DEFORMABLE_TRANSFORMER_ENCODER_N_HEADS = 8
+
+    # ---------------------------------------------------------------- mask transformer
+    cfg.MODEL.MASK_FORMER = CN()
+    cfg.MODEL.MASK_FORMER.TRANSFORMER_DECODER_NAME = "MultiScaleMaskedTransformerDecoder"
+    cfg.MODEL.MASK_FORMER.TRANSFORMER_IN_FEATURE = "multi_scale_pixel_decoder"
+    cfg.MODEL.MASK_FORMER.DEEP_SUPERVISION = True
+    cfg.MODEL.MASK_FORMER.NO_OBJECT_WEIGHT = 0.1
+    cfg.MODEL.MASK_FORMER.CLASS_WEIGHT = 2.0
+    cfg.MODEL.MASK_FORMER.DICE_WEIGHT = 5.0
+    cfg.MODEL.MASK_FORMER.MASK_WEIGHT = 5.0
+    cfg.MODEL.MASK_FORMER.NHEADS = 8
+    cfg.MODEL.MASK_FORMER.DROPOUT = 0.0
+    cfg.MODEL.MASK_FORMER.DIM_FEEDFORWARD = 2048
+    cfg.MODEL.MASK_FORMER.DEC_LAYERS = 10  # 1 + 9 decoder layers, as Mask2Former counts
+    cfg.MODEL.MASK_FORMER.PRE_NORM = False
+    cfg.MODEL.MASK_FORMER.HIDDEN_DIM = 256
+    cfg.MODEL.MASK_FORMER.NUM_OBJECT_QUERIES = 100
+    cfg.MODEL.MASK_FORMER.ENFORCE_INPUT_PROJ = False
+    cfg.MODEL.MASK_FORMER.SIZE_DIVISIBILITY = 32
+    # all ground truth as one "object" class: the open-world class-agnostic baseline
+    cfg.MODEL.MASK_FORMER.CLASS_AGNOSTIC = False
+    # point-sampled mask losses (PointRend-style importance sampling)
+    cfg.MODEL.MASK_FORMER.TRAIN_NUM_POINTS = 112 * 112
+    cfg.MODEL.MASK_FORMER.OVERSAMPLE_RATIO = 3.0
+    cfg.MODEL.MASK_FORMER.IMPORTANCE_SAMPLE_RATIO = 0.75
+
+    cfg.MODEL.MASK_FORMER.TEST = CN()
+    cfg.MODEL.MASK_FORMER.TEST.SEMANTIC_ON = True
+    cfg.MODEL.MASK_FORMER.TEST.INSTANCE_ON = False
+    cfg.MODEL.MASK_FORMER.TEST.PANOPTIC_ON = False
+    cfg.MODEL.MASK_FORMER.TEST.OBJECT_MASK_THRESHOLD = 0.8
+    cfg.MODEL.MASK_FORMER.TEST.OVERLAP_THRESHOLD = 0.8
+    cfg.MODEL.MASK_FORMER.TEST.SEM_SEG_POSTPROCESSING_BEFORE_INFERENCE = False
+    cfg.MODEL.MASK_FORMER.TEST.DETECTIONS_PER_IMAGE = 100
+
+    # ---------------------------------------------------------------- evaluation
+    # metric families to run; empty = those named in the test dataset's metadata
+    cfg.TEST.EVALUATORS = []
+
+
+def add_project_configs(cfg: CN) -> None:
+    """Call `add_<name>_config(cfg)` of every installed method package `openseg.projects.<name>`,
+    so one train_net.py reads every method's YAML without knowing the methods."""
+    import openseg.projects
+
+    for info in pkgutil.iter_modules(openseg.projects.__path__):
+        module = importlib.import_module(f"openseg.projects.{info.name}")
+        adder = getattr(module, f"add_{info.name}_config", None)
+        if adder is not None:
+            adder(cfg)
+
+
+def load_config(config_file: Optional[str] = None, opts: Optional[List[str]] = None) -> CN:
+    """detectron2 defaults + openseg + every project's keys, then `config_file` and `opts`.
+
+    An unknown key raises naming the key and where it came from (file or command line)."""
+    cfg = get_cfg()
+    add_openseg_config(cfg)
+    add_project_configs(cfg)
+    if config_file:
+        try:
+            cfg.merge_from_file(config_file)
+        except KeyError as err:
+            raise KeyError(
+                f"{config_file}: {err.args[0]}. Check the spelling, or that the method defining it "
+                f"is installed (openseg.projects.<name>)."
+            ) from None
+    if opts:
+        try:
+            cfg.merge_from_list(list(opts))
+        except (KeyError, AssertionError) as err:
+            message = f"command-line override: {err.args[0] if err.args else err}"
+            if "Non-existent" in message:
+                raise KeyError(message) from None
+            raise ValueError(f"{message} (overrides are KEY VALUE pairs)") from None
+    return cfg

@@ -1,0 +1,208 @@
+"""What every dataset family needs: the data root, a clear error for missing files, metadata."""
+import argparse
+import json
+import os
+from functools import partial
+from pathlib import Path
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Tuple
+
+import numpy as np
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data.catalog import Metadata
+
+ENV_ROOT = "OPENSEG_DATASETS"
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """A registered dataset whose files are not where the registry looked for them."""
+
+
+def dataset_root() -> Path:
+    """Root of all datasets: `$OPENSEG_DATASETS`, default `./datasets` (as detectron2)."""
+    return Path(os.environ.get(ENV_ROOT, "datasets")).expanduser()
+
+
+def require(path: os.PathLike, prepare: str) -> Path:
+    """Return `path` if it exists, else raise naming the path and the script that makes it.
+
+    `prepare` names a script in `datasets/` (or a short instruction) that produces the path.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise DatasetNotFoundError(
+            f"{path} does not exist. Dataset roots are read from ${ENV_ROOT} "
+            f"(now {dataset_root().resolve()}); create it with: {prepare} "
+            f"(see datasets/README.md)."
+        )
+    return path
+
+
+class LazyMetadata(Metadata):
+    """Metadata whose `lazy_keys` are read from the dataset's files on first access.
+
+    Large vocabularies (LVIS, ADE20K-847, Pascal Context-459) are defined by files of the
+    prepared dataset; reading them at registration would touch the disk, so `fill()` runs the
+    first time one of `lazy_keys` is asked for. A missing file raises `fill`'s own error
+    (a DatasetNotFoundError naming the prepare script) on every access until it exists.
+    """
+
+    def __init__(self, name: str, fill: Callable[[], Dict], lazy_keys: Iterable[str]):
+        super().__init__(name=name)
+        self.__dict__["_fill"] = fill
+        self.__dict__["_lazy_keys"] = frozenset(lazy_keys)
+
+    def __getattr__(self, key: str):
+        if key.startswith("_") or key not in self.__dict__.get("_lazy_keys", ()):
+            return super().__getattr__(key)
+        values = self.__dict__["_fill"]()
+        missing = self._lazy_keys - values.keys()
+        if missing:
+            raise KeyError(f"Metadata loader of '{self.name}' did not return {sorted(missing)}")
+        self.__dict__["_lazy_keys"] = frozenset()
+        self.set(**values)
+        return values[key]
+
+
+def register_lazy(
+    name: str,
+    loader: Callable[[], List[dict]],
+    lazy_metadata: Optional[Callable[[], Dict]] = None,
+    lazy_keys: Iterable[str] = (),
+    **metadata,
+) -> None:
+    """Register `loader` under `name` (files are read only when the dataset is used) and set
+    its metadata. Re-registering the same name replaces it, so tests may point roots elsewhere.
+
+    `lazy_metadata()` returns the `lazy_keys` entries, read from disk on first access (see
+    `LazyMetadata`); use it for vocabularies defined by the dataset's own files.
+    """
+    if name in DatasetCatalog.list():
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+    DatasetCatalog.register(name, loader)
+    if lazy_metadata is not None:
+        MetadataCatalog[name] = LazyMetadata(name, lazy_metadata, lazy_keys)
+    MetadataCatalog.get(name).set(**metadata)
+
+
+def load_semantic_pairs(
+    image_root: os.PathLike, sem_seg_root: os.PathLike, prepare: str, image_ext: str = ".jpg"
+) -> List[dict]:
+    """Semantic dataset dicts: one per label file under `sem_seg_root` (any depth), paired
+    with the image of the same relative path and stem under `image_root`.
+
+    Listing the labels (not the images) lets a split use a subset of a shared image folder.
+    """
+    image_root = require(image_root, prepare)
+    sem_seg_root = require(sem_seg_root, prepare)
+    dicts = []
+    for label in sorted(p for p in sem_seg_root.rglob("*") if p.suffix in (".png", ".tif")):
+        image = image_root / label.relative_to(sem_seg_root).with_suffix(image_ext)
+        require(image, prepare)
+        dicts.append({"file_name": str(image), "sem_seg_file_name": str(label)})
+    if not dicts:
+        raise DatasetNotFoundError(f"No label files in {sem_seg_root}; create them with: {prepare}")
+    return dicts
+
+
+def register_semantic(
+    name: str,
+    image_root: Path,
+    sem_seg_root: Path,
+    prepare: str,
+    ignore_label: int = 255,
+    lazy_metadata: Optional[Callable[[], Dict]] = None,
+    **metadata,
+) -> None:
+    """Register a semantic-segmentation set of `load_semantic_pairs` dicts (evaluator
+    "semantic"); `metadata` holds its `stuff_classes` and `synonyms` unless `lazy_metadata`
+    reads them from the prepared files."""
+    lazy_keys = ("stuff_classes", "synonyms") if lazy_metadata is not None else ()
+    register_lazy(
+        name,
+        partial(load_semantic_pairs, image_root, sem_seg_root, prepare),
+        lazy_metadata=lazy_metadata,
+        lazy_keys=lazy_keys,
+        image_root=str(image_root),
+        sem_seg_root=str(sem_seg_root),
+        ignore_label=ignore_label,
+        evaluators=["semantic"],
+        **metadata,
+    )
+
+
+def prepare_parser(description: str) -> argparse.ArgumentParser:
+    """Argument parser of a datasets/prepare_*.py script: its docstring as help and `--root`."""
+    parser = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--root", type=Path, default=dataset_root(), help="dataset root ($OPENSEG_DATASETS)"
+    )
+    return parser
+
+
+def remap_labels(labels: np.ndarray, mapping: Mapping[int, int], ignore: int) -> np.ndarray:
+    """Map every value of an integer label image through `mapping`; other values -> `ignore`."""
+    lookup = np.full(max(int(labels.max()), max(mapping, default=0)) + 1, ignore, dtype=np.int64)
+    for source, target in mapping.items():
+        lookup[source] = target
+    return lookup[labels]
+
+
+
+def panoptic_segment(mask: np.ndarray, segment_id: int, category_id: int, iscrowd: int = 0) -> Dict:
+    """COCO-panoptic `segments_info` entry of a boolean mask (area, XYWH box)."""
+    rows, cols = np.nonzero(mask)
+    x, y = int(cols.min()), int(rows.min())
+    return {
+        "id": int(segment_id),
+        "category_id": int(category_id),
+        "area": int(rows.size),
+        "bbox": [x, y, int(cols.max()) - x + 1, int(rows.max()) - y + 1],
+        "iscrowd": int(iscrowd),
+    }
+
+
+def load_panoptic_json(
+    panoptic_json: Path,
+    panoptic_root: Path,
+    locate: Callable[[dict], Tuple[Path, Path]],
+    metadata: Dict,
+    prepare: str,
+) -> List[dict]:
+    """Panoptic dataset dicts from a COCO-panoptic JSON whose image ids may be strings.
+
+    `locate(image_entry)` gives the (image, semantic label) paths of a JSON image entry.
+    Category ids become contiguous through `stuff_dataset_id_to_contiguous_id`, which covers
+    every class (Mask2Former convention); `isthing` follows `thing_dataset_id_to_contiguous_id`.
+    """
+    with open(require(panoptic_json, prepare)) as f:
+        panoptic = json.load(f)
+    to_contiguous = metadata["stuff_dataset_id_to_contiguous_id"]
+    thing_ids = set(metadata["thing_dataset_id_to_contiguous_id"])
+    images = {image["id"]: image for image in panoptic["images"]}
+    dicts = []
+    for annotation in panoptic["annotations"]:
+        image = images[annotation["image_id"]]
+        image_file, sem_seg_file = locate(image)
+        segments = [
+            dict(
+                s,
+                category_id=to_contiguous[s["category_id"]],
+                isthing=s["category_id"] in thing_ids,
+            )
+            for s in annotation["segments_info"]
+        ]
+        dicts.append(
+            {
+                "file_name": str(require(image_file, prepare)),
+                "image_id": image["id"],
+                "height": image["height"],
+                "width": image["width"],
+                "pan_seg_file_name": str(require(panoptic_root / annotation["file_name"], prepare)),
+                "sem_seg_file_name": str(require(sem_seg_file, prepare)),
+                "segments_info": segments,
+            }
+        )
+    return dicts

@@ -1,0 +1,17 @@
+"""Backbones; importing this package registers them in detectron2's BACKBONE_REGISTRY."""
+
+from .clip import (
+    CLIP_DENSE_INPUT,
+    OpenCLIPBackbone,
+    OpenCLIPConvNeXtBackbone,
+    OpenCLIPViTBackbone,
+    build_openclip_backbone,
+)
+
+__all__ = [
+    "CLIP_DENSE_INPUT",
+    "OpenCLIPBackbone",
+    "OpenCLIPConvNeXtBackbone",
+    "OpenCLIPViTBackbone",
+    "build_openclip_backbone",
+]

@@ -1,0 +1,1 @@
+"""Methods built on the shared openseg core; installed as `openseg.projects.<name>`."""

@@ -1,0 +1,203 @@
+"""The generated demo dataset: registry round trip, file formats checked with panopticapi and
+pycocotools, determinism, and the seen/unseen construction."""
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.evaluation import COCOEvaluator, COCOPanopticEvaluator, SemSegEvaluator
+from detectron2.structures import BitMasks, Instances
+from panopticapi.evaluation import pq_compute
+from panopticapi.utils import rgb2id
+from PIL import Image
+from pycocotools import mask as mask_util
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+import openseg.data  # noqa: F401  registers the datasets
+from openseg.data.datasets.common import dataset_root
+from openseg.data.datasets.demo import generate_demo, register_all_demo
+
+
+@pytest.fixture(scope="module")
+def demo_root(tmp_path_factory):
+    """The full demo generated once into a temporary root, registered there; the default
+    registration is restored afterwards."""
+    root = tmp_path_factory.mktemp("datasets")
+    register_all_demo(root)
+    start = time.perf_counter()
+    train = DatasetCatalog.get("openseg_demo_train")
+    val = DatasetCatalog.get("openseg_demo_val")
+    elapsed = time.perf_counter() - start
+    yield root, train, val, elapsed
+    register_all_demo(dataset_root())
+
+
+def _tree_digest(directory: Path) -> dict:
+    return {
+        str(path.relative_to(directory)): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(directory.rglob("*"))
+        if path.is_file()
+    }
+
+
+def test_round_trip_sizes_and_files(demo_root):
+    root, train, val, elapsed = demo_root
+    assert elapsed < 10.0
+    assert len(train) == 160 and len(val) == 32
+    assert (root / "openseg_demo" / "VERSION").is_file()
+    image_ids = [d["image_id"] for d in train + val]
+    assert len(set(image_ids)) == len(image_ids)
+    for record in train + val:
+        for key in ("file_name", "pan_seg_file_name", "sem_seg_file_name"):
+            assert os.path.isfile(record[key]), record[key]
+        assert record["height"] == record["width"] == 128
+        assert 2 <= len(record["segments_info"]) <= 7
+        things = [s for s in record["segments_info"] if s["isthing"]]
+        assert 1 <= len(things) <= 4 and len(things) == len(record["annotations"])
+    meta = MetadataCatalog.get("openseg_demo_val")
+    assert len(meta.stuff_classes) == 8 and meta.stuff_classes[:4] == meta.thing_classes
+    assert [names[0] for names in meta.synonyms] == meta.stuff_classes
+    assert meta.class_splits == {"seen": [0, 1, 2, 4, 5, 6], "unseen": [3, 7]}
+    for key in ("panoptic_json", "json_file", "panoptic_root", "sem_seg_root", "image_root"):
+        assert os.path.exists(getattr(meta, key)), key
+
+
+def test_unseen_classes_only_in_val(demo_root):
+    _, train, val, _ = demo_root
+    unseen = set(MetadataCatalog.get("openseg_demo_train").class_splits["unseen"])
+    for record in train:
+        assert not unseen & {s["category_id"] for s in record["segments_info"]}
+        semantic = np.asarray(Image.open(record["sem_seg_file_name"]))
+        assert not unseen & set(np.unique(semantic).tolist())
+    val_classes = {s["category_id"] for record in val for s in record["segments_info"]}
+    assert val_classes == set(range(8))
+
+
+def test_panoptic_files_consistent_and_pq_perfect(demo_root, tmp_path):
+    root, _, val, _ = demo_root
+    meta = MetadataCatalog.get("openseg_demo_val")
+    panoptic = json.loads(Path(meta.panoptic_json).read_text())
+    by_image = {a["image_id"]: a for a in panoptic["annotations"]}
+    for record in val:
+        annotation = by_image[record["image_id"]]
+        pan_ids = rgb2id(np.asarray(Image.open(record["pan_seg_file_name"]).convert("RGB")))
+        semantic = np.asarray(Image.open(record["sem_seg_file_name"]))
+        assert set(np.unique(pan_ids)) == {s["id"] for s in annotation["segments_info"]}
+        for raw, loaded in zip(annotation["segments_info"], record["segments_info"]):
+            mask = pan_ids == raw["id"]
+            assert mask.sum() == raw["area"]
+            ys, xs = np.nonzero(mask)
+            assert raw["bbox"] == [
+                xs.min(),
+                ys.min(),
+                xs.max() - xs.min() + 1,
+                ys.max() - ys.min() + 1,
+            ]
+            assert loaded["category_id"] == raw["category_id"] - 1  # contiguous
+            assert (semantic[mask] == raw["category_id"] - 1).all()
+    with contextlib.redirect_stdout(io.StringIO()):
+        result = pq_compute(
+            meta.panoptic_json, meta.panoptic_json, meta.panoptic_root, meta.panoptic_root
+        )
+    assert result["All"]["pq"] == pytest.approx(1.0)
+    assert result["All"]["n"] == 8
+
+
+def test_instance_json_loads_and_matches_panoptic(demo_root):
+    _, _, val, _ = demo_root
+    meta = MetadataCatalog.get("openseg_demo_val")
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco = COCO(meta.json_file)
+    assert sorted(coco.getCatIds()) == [1, 2, 3, 4]
+    for record in val:
+        pan_ids = rgb2id(np.asarray(Image.open(record["pan_seg_file_name"]).convert("RGB")))
+        annotations = coco.loadAnns(coco.getAnnIds(imgIds=[record["image_id"]]))
+        things = [s for s in record["segments_info"] if s["isthing"]]
+        assert len(annotations) == len(things)
+        for annotation, segment in zip(annotations, things):
+            assert annotation["category_id"] - 1 == segment["category_id"]
+            assert np.array_equal(coco.annToMask(annotation).astype(bool), pan_ids == segment["id"])
+    detections = [{**a, "score": 1.0} for a in coco.loadAnns(coco.getAnnIds())]
+    with contextlib.redirect_stdout(io.StringIO()):
+        evaluator = COCOeval(coco, coco.loadRes(detections), "segm")
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    assert evaluator.stats[0] == pytest.approx(1.0)
+
+
+def test_generation_is_deterministic_and_versioned(tmp_path):
+    first = generate_demo(tmp_path / "a", num_train=5, num_val=3)
+    second = generate_demo(tmp_path / "b", num_train=5, num_val=3)
+    digest = _tree_digest(first)
+    assert digest == _tree_digest(second)
+    assert len([name for name in digest if name.startswith("images/")]) == 8
+    # an up-to-date copy is kept as it is
+    version_mtime = (first / "VERSION").stat().st_mtime_ns
+    assert generate_demo(tmp_path / "a", num_train=5, num_val=3) == first
+    assert (first / "VERSION").stat().st_mtime_ns == version_mtime
+    # a different stamp regenerates in place, with no staging directories left behind
+    generate_demo(tmp_path / "a", num_train=2, num_val=3)
+    assert len(list((first / "images" / "train").iterdir())) == 2
+    assert [p.name for p in (tmp_path / "a").iterdir()] == ["openseg_demo"]
+    # the first images do not depend on the split sizes (one seed per image)
+    assert (first / "images/val/1000001.jpg").read_bytes() == (
+        second / "images/val/1000001.jpg"
+    ).read_bytes()
+    mask = mask_util.decode(
+        json.loads((first / "annotations/instances_val.json").read_text())["annotations"][0][
+            "segmentation"
+        ]
+    )
+    assert mask.shape == (128, 128) and mask.any()
+
+
+def test_detectron2_evaluators_score_ground_truth_perfectly(demo_root):
+    """The metadata and files are what detectron2's evaluators need: ground truth fed back as
+    predictions scores PQ = mIoU = AP = 100."""
+    _, _, val, _ = demo_root
+    name = "openseg_demo_val"
+    evaluators = [
+        COCOPanopticEvaluator(name),
+        SemSegEvaluator(name, distributed=False),
+        COCOEvaluator(name, tasks=("segm",), distributed=False, use_fast_impl=False),
+    ]
+    for evaluator in evaluators:
+        evaluator.reset()
+    for record in val:
+        pan_ids = rgb2id(np.asarray(Image.open(record["pan_seg_file_name"]).convert("RGB")))
+        semantic = torch.as_tensor(
+            np.asarray(Image.open(record["sem_seg_file_name"])).astype(np.int64)
+        )
+        things = [s for s in record["segments_info"] if s["isthing"]]
+        masks = torch.as_tensor(np.stack([pan_ids == s["id"] for s in things]))
+        instances = Instances((128, 128))
+        instances.pred_masks = masks
+        instances.pred_boxes = BitMasks(masks).get_bounding_boxes()
+        instances.scores = torch.ones(len(things))
+        instances.pred_classes = torch.tensor([s["category_id"] for s in things])
+        segments = [
+            {"id": s["id"], "category_id": s["category_id"], "isthing": s["isthing"]}
+            for s in record["segments_info"]
+        ]
+        output = {
+            "panoptic_seg": (torch.as_tensor(pan_ids), segments),
+            "sem_seg": torch.nn.functional.one_hot(semantic, 8).permute(2, 0, 1).float(),
+            "instances": instances,
+        }
+        for evaluator in evaluators:
+            evaluator.process([record], [output])
+    with contextlib.redirect_stdout(io.StringIO()):
+        panoptic, semantic, instance = [evaluator.evaluate() for evaluator in evaluators]
+    assert panoptic["panoptic_seg"]["PQ"] == pytest.approx(100.0)
+    assert semantic["sem_seg"]["mIoU"] == pytest.approx(100.0)
+    assert instance["segm"]["AP"] == pytest.approx(100.0)

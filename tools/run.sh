@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# One entry for set-up + the two everyday jobs; creates or reuses the virtual environment.
+#   bash tools/run.sh demo   train + evaluate the MaskFormer on the embedded demo data (CPU)
+#   bash tools/run.sh test   run the test suite
+# Environment: OPENSEG_VENV (default ~/.venvs/openseg), OPENSEG_PYTHON (a Python 3.10),
+# OPENSEG_DATASETS (dataset root, default ./datasets), OPENSEG_DEVICE (demo device, default cpu).
+set -euo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$here"
+venv="${OPENSEG_VENV:-$HOME/.venvs/openseg}"
+
+find_python() {
+  local candidate
+  for candidate in "${OPENSEG_PYTHON:-}" /root/.pyenv/versions/3.10.13/bin/python python3.10 python3; do
+    [ -n "$candidate" ] || continue
+    if command -v "$candidate" >/dev/null 2>&1 &&
+       "$candidate" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 10))' 2>/dev/null; then
+      echo "$candidate"; return 0
+    fi
+  done
+  echo "tools/run.sh: no Python 3.10 found; set OPENSEG_PYTHON to one (detectron2's only current wheel is cp310)." >&2
+  return 1
+}
+
+setup_env() {
+  if [ ! -x "$venv/bin/python" ]; then
+    local python; python="$(find_python)"
+    echo "[openseg] creating virtual environment $venv"
+    "$python" -m venv "$venv"
+  fi
+  local py="$venv/bin/python"
+  local stamp="$venv/.openseg-requirements"
+  local want; want="$(cat requirements.txt setup.py | sha256sum | cut -d' ' -f1)"
+  if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+    echo "[openseg] installing requirements into $venv"
+    "$py" -m pip install --disable-pip-version-check -q -r requirements.txt
+    # a detectron2 the user built from source is kept; otherwise the cp310 wheel of main
+    if ! "$py" -c 'import detectron2' 2>/dev/null; then
+      "$py" -m pip install --disable-pip-version-check -q "sal-detectron2==0.7.2"
+    fi
+    "$py" -m pip install --disable-pip-version-check -q --no-deps --no-build-isolation -e .
+    echo "$want" > "$stamp"
+  fi
+  PY="$py"
+}
+
+case "${1:-}" in
+  demo)
+    shift
+    setup_env
+    out="${OPENSEG_DEMO_OUTPUT:-output/demo}"
+    "$PY" tools/train_net.py --config-file configs/demo/maskformer_R18.yaml \
+      MODEL.DEVICE "${OPENSEG_DEVICE:-cpu}" OUTPUT_DIR "$out" "$@"
+    "$PY" tools/demo.py --config-file configs/demo/maskformer_R18.yaml \
+      --input "${OPENSEG_DATASETS:-datasets}/openseg_demo/val/images" --max-images 4 \
+      --output "$out/visualised" \
+      MODEL.WEIGHTS "$out/model_final.pth" MODEL.DEVICE "${OPENSEG_DEVICE:-cpu}"
+    ;;
+  test)
+    shift
+    setup_env
+    set +e
+    "$PY" -m pytest tests -q "$@"
+    rc=$?
+    set -e
+    if [ "$rc" -eq 5 ]; then
+      echo "tools/run.sh: pytest collected no tests: that is a failure here." >&2
+      exit 1
+    fi
+    exit "$rc"
+    ;;
+  *)
+    echo "usage: bash tools/run.sh demo|test [extra args]" >&2
+    exit 2
+    ;;
+esac

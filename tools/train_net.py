@@ -1,0 +1,62 @@
+#!/usr/bin/env python
+"""The one training / evaluation entry point of openseg, for every registered meta-architecture.
+
+    python tools/train_net.py --config-file configs/demo/maskformer_R18.yaml
+    python tools/train_net.py --config-file CFG --num-gpus 8 [--num-machines N --machine-rank R
+        --dist-url tcp://HOST:PORT] [--resume] [--eval-only MODEL.WEIGHTS path.pth] [KEY VALUE ...]
+
+Evaluators come from the test dataset's metadata (`evaluators`) unless TEST.EVALUATORS is set.
+"""
+import logging
+
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.engine import default_argument_parser, default_setup, launch
+from detectron2.evaluation import verify_results
+from detectron2.utils import comm
+
+import openseg  # noqa: F401  (registers datasets, architectures and evaluators)
+from openseg.config import load_config
+from openseg.engine import Trainer
+
+
+def setup(args):
+    cfg = load_config(args.config_file, args.opts)
+    cfg.freeze()
+    default_setup(cfg, args)
+    return cfg
+
+
+def main(args):
+    cfg = setup(args)
+    if args.eval_only:
+        model = Trainer.build_model(cfg)
+        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+            cfg.MODEL.WEIGHTS, resume=args.resume
+        )
+        results = Trainer.test(cfg, model)
+        if comm.is_main_process():
+            verify_results(cfg, results)
+        return results
+
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    if args.resume and trainer.start_iter >= cfg.SOLVER.MAX_ITER:
+        logging.getLogger("openseg").info(
+            "checkpoint in %s already reached SOLVER.MAX_ITER=%d; evaluating it",
+            cfg.OUTPUT_DIR, cfg.SOLVER.MAX_ITER,
+        )
+        return Trainer.test(cfg, trainer.model)
+    return trainer.train()
+
+
+if __name__ == "__main__":
+    args = default_argument_parser().parse_args()
+    print("Command Line Args:", args)
+    launch(
+        main,
+        args.num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=(args,),
+    )
