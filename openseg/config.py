@@ -44,6 +44,14 @@ def add_openseg_config(cfg: CN) -> None:
     cfg.MODEL.CLIP.FROZEN = True
     cfg.MODEL.CLIP.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
 
+    # ---------------------------------------------------------------- class text embeddings
+    # openseg.modeling.text: mean over synonyms x templates, cached by (encoder, vocabulary)
+    cfg.MODEL.TEXT_EMBEDDING = CN()
+    # folder shared between runs for embeddings of encoders loaded from a file; "" = memory only
+    cfg.MODEL.TEXT_EMBEDDING.CACHE_DIR = ""
+    # "{}"-templates; empty = openseg.data.vocab.PROMPT_TEMPLATES (ViLD's ensemble)
+    cfg.MODEL.TEXT_EMBEDDING.PROMPT_TEMPLATES = []
+
     # ---------------------------------------------------------------- pixel decoder
     cfg.MODEL.SEM_SEG_HEAD.MASK_DIM = 256
     cfg.MODEL.SEM_SEG_HEAD.TRANSFORMER_ENC_LAYERS = 6
@@ -89,6 +97,25 @@ def add_openseg_config(cfg: CN) -> None:
     # ---------------------------------------------------------------- evaluation
     # metric families to run; empty = those named in the test dataset's metadata
     cfg.TEST.EVALUATORS = []
+
+    # ---------------------------------------------------------------- oracles (openseg.modeling.oracles)
+    # test-time switches that replace one step of mask-transformer inference by ground truth
+    # ("What holds back open-vocabulary segmentation?"); any of them makes the test mapper keep
+    # the ground truth and the model read it
+    cfg.TEST.ORACLE = CN()
+    cfg.TEST.ORACLE.SEGMENTATION = False  # ground-truth masks, classified by the model
+    cfg.TEST.ORACLE.CLASSIFICATION = False  # masks with IoU > CLASSIFICATION_IOU take the GT class
+    cfg.TEST.ORACLE.MASK_SELECTION = False  # keep only the queries Hungarian-matched to GT
+    cfg.TEST.ORACLE.DROP_NO_OBJECT = False  # ignore the no-object logit
+    cfg.TEST.ORACLE.CLASSIFICATION_IOU = 0.5
+
+
+ORACLE_SWITCHES = ("SEGMENTATION", "CLASSIFICATION", "MASK_SELECTION", "DROP_NO_OBJECT")
+
+
+def oracles_enabled(cfg: CN) -> bool:
+    """Whether any cfg.TEST.ORACLE switch is on (then ground truth must reach the model)."""
+    return any(bool(cfg.TEST.ORACLE.get(name, False)) for name in ORACLE_SWITCHES)
 
 
 def add_project_configs(cfg: CN) -> None:

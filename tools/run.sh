@@ -52,7 +52,7 @@ case "${1:-}" in
     "$PY" tools/train_net.py --config-file configs/demo/maskformer_R18.yaml \
       MODEL.DEVICE "${OPENSEG_DEVICE:-cpu}" OUTPUT_DIR "$out" "$@"
     "$PY" tools/demo.py --config-file configs/demo/maskformer_R18.yaml \
-      --input "${OPENSEG_DATASETS:-datasets}/openseg_demo/val/images" --max-images 4 \
+      --input "${OPENSEG_DATASETS:-datasets}/openseg_demo/images/val" --max-images 4 \
       --output "$out/visualised" \
       MODEL.WEIGHTS "$out/model_final.pth" MODEL.DEVICE "${OPENSEG_DEVICE:-cpu}"
     ;;

@@ -50,15 +50,18 @@ class Trainer(DefaultTrainer):
         return results
 
     def train(self):
-        """Train; if a step raises (or Ctrl-C), save the last completed iteration as
-        `model_interrupted.pth` so `--resume` continues from there instead of the last period."""
+        """Train and return the final evaluation's metrics (None when there was none).
+
+        If a step raises (or Ctrl-C), the last completed iteration is saved as
+        `model_interrupted.pth`, so `--resume` continues from there, not from the last period."""
         try:
-            return super().train()
+            super().train()
+            return getattr(self, "_last_eval_results", None)
         except BaseException:
             if comm.is_main_process() and self.iter > self.start_iter:
                 failed_iter = self.iter
                 self.iter = failed_iter - 1  # the checkpoint holds the last step that finished
-                self.checkpointer.save("model_interrupted")
+                self.checkpointer.save("model_interrupted", iteration=self.iter)
                 self.iter = failed_iter
                 logger.error(
                     "training stopped at iteration %d; saved %s/model_interrupted.pth, "
