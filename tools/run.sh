@@ -29,17 +29,25 @@ setup_env() {
     "$python" -m venv "$venv"
   fi
   local py="$venv/bin/python"
-  local stamp="$venv/.openseg-requirements"
-  local want; want="$(cat requirements.txt setup.py | sha256sum | cut -d' ' -f1)"
-  if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  # requirements are reinstalled when they change; the editable install when this checkout
+  # (or setup.py) is not the one the environment points at, e.g. a fresh clone in CI
+  local req_stamp="$venv/.openseg-requirements" src_stamp="$venv/.openseg-source"
+  local want_req want_src
+  want_req="$(sha256sum requirements.txt | cut -d' ' -f1)"
+  want_src="$here $(sha256sum setup.py | cut -d' ' -f1)"
+  if [ "$(cat "$req_stamp" 2>/dev/null)" != "$want_req" ]; then
     echo "[openseg] installing requirements into $venv"
     "$py" -m pip install --disable-pip-version-check -q -r requirements.txt
     # a detectron2 the user built from source is kept; otherwise the cp310 wheel of main
     if ! "$py" -c 'import detectron2' 2>/dev/null; then
       "$py" -m pip install --disable-pip-version-check -q "sal-detectron2==0.7.2"
     fi
+    echo "$want_req" > "$req_stamp"
+  fi
+  if [ "$(cat "$src_stamp" 2>/dev/null)" != "$want_src" ]; then
+    echo "[openseg] installing openseg from $here (editable)"
     "$py" -m pip install --disable-pip-version-check -q --no-deps --no-build-isolation -e .
-    echo "$want" > "$stamp"
+    echo "$want_src" > "$src_stamp"
   fi
   PY="$py"
 }
