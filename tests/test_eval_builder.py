@@ -85,3 +85,28 @@ def test_lazy_families_point_at_existing_names():
         if importlib.util.find_spec(module) is None:
             pytest.skip(f"{module} ({family}) is not written yet")
         assert hasattr(importlib.import_module(module), attr), target
+
+
+def _register_vocabulary_only(name, synonyms):
+    if name in DatasetCatalog.list():
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+    DatasetCatalog.register(name, lambda: [])
+    MetadataCatalog.get(name).set(
+        stuff_classes=[s[0] for s in synonyms], synonyms=synonyms, ignore_label=255,
+        evaluators=["semantic"],
+    )
+
+
+def test_test_set_without_split_gets_seen_unseen_against_train_vocabulary(dataset):
+    _register_vocabulary_only("test_builder_train_vocab", [["cat"], ["dog", "puppy"], ["sky"]])
+    _register_vocabulary_only("test_builder_test_vocab", [["puppies"], ["bird"], ["sky"], ["tree"]])
+    cfg = _cfg()
+    cfg.DATASETS.TRAIN = ("test_builder_train_vocab",)
+    build_evaluator(cfg, "test_builder_test_vocab")
+    # hand-computed: "puppies" is a plural of the train synonym "puppy"; "sky" is shared
+    assert MetadataCatalog.get("test_builder_test_vocab").class_splits == {"seen": [0, 2], "unseen": [1, 3]}
+    # a dataset that defines its own split keeps it
+    MetadataCatalog.get(dataset).set(evaluators=["semantic"])
+    build_evaluator(cfg, dataset)
+    assert MetadataCatalog.get(dataset).class_splits == {"seen": [0, 1], "unseen": [2]}

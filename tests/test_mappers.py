@@ -170,6 +170,7 @@ def test_registry_names_and_test_mapper(demo):
         "instance",
         "instance_lsj",
         "semantic",
+        "referring",
     }
     cfg = make_cfg("semantic")
     cfg.INPUT.MIN_SIZE_TEST = 64

@@ -49,6 +49,13 @@ setup_env() {
     "$py" -m pip install --disable-pip-version-check -q --no-deps --no-build-isolation -e .
     echo "$want_src" > "$src_stamp"
   fi
+  # WordNet 3.0 for the lexical evaluation (Debian package, copied where nltk reads it)
+  local nltk_data
+  if nltk_data="$(bash tools/setup_wordnet.sh | tail -n 1)"; then
+    export NLTK_DATA="$nltk_data"
+  else
+    echo "[openseg] WordNet is not available: the lexical evaluation needs it (tools/setup_wordnet.sh)" >&2
+  fi
   PY="$py"
 }
 

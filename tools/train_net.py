@@ -13,6 +13,7 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 
 import openseg  # noqa: F401  (registers datasets, architectures and evaluators)
 from openseg.config import load_config
@@ -23,6 +24,8 @@ def setup(args):
     cfg = load_config(args.config_file, args.opts)
     cfg.freeze()
     default_setup(cfg, args)
+    # openseg's and the methods' own log lines (class splits, random-init warnings, ...)
+    setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="openseg")
     return cfg
 
 

@@ -30,6 +30,8 @@ from detectron2.utils.registry import Registry
 from panopticapi.utils import rgb2id
 from pycocotools import mask as mask_util
 
+from ..config import oracles_enabled
+
 IGNORE_LABEL = 255
 IMAGE_PAD_VALUE = 128  # as detectron2's FixedSizeCrop
 
@@ -190,6 +192,7 @@ class SegmentationDatasetMapper(ABC):
         image_format: str,
         ignore_label: int = IGNORE_LABEL,
         size_divisibility: int = -1,
+        keep_ground_truth: bool = False,
     ):
         """
         Args:
@@ -198,12 +201,15 @@ class SegmentationDatasetMapper(ABC):
             image_format: PIL mode or "BGR" for the `image` tensor (cfg.INPUT.FORMAT).
             ignore_label: value of unlabelled pixels in `sem_seg`.
             size_divisibility: if > 0, pad training images and targets to a multiple of it.
+            keep_ground_truth: at test time also produce `instances` (and `sem_seg`) of the
+                resized image, for the ground-truth oracles (cfg.TEST.ORACLE).
         """
         self.is_train = is_train
         self.augmentations = T.AugmentationList(augmentations)
         self.image_format = image_format
         self.ignore_label = ignore_label
         self.size_divisibility = size_divisibility
+        self.keep_ground_truth = keep_ground_truth
 
     @classmethod
     def from_config(cls, cfg: CfgNode, is_train: bool = True) -> dict:
@@ -217,6 +223,7 @@ class SegmentationDatasetMapper(ABC):
             "image_format": cfg.INPUT.FORMAT,
             "ignore_label": _ignore_label(cfg, is_train),
             "size_divisibility": cfg.INPUT.SIZE_DIVISIBILITY,
+            "keep_ground_truth": not is_train and oracles_enabled(cfg),
         }
 
     @abstractmethod
@@ -237,7 +244,7 @@ class SegmentationDatasetMapper(ABC):
         file_name = required(dataset_dict, "file_name", "dataset dict")
         image = read_file(file_name, self.image_format)
         utils.check_image_size(dataset_dict, image)
-        if not self.is_train:
+        if not self.is_train and not self.keep_ground_truth:
             aug_input = T.AugInput(image)
             self.augmentations(aug_input)
             dataset_dict.pop("annotations", None)
@@ -265,7 +272,7 @@ class SegmentationDatasetMapper(ABC):
         image_tensor = _image_tensor(image)
         mask_tensor = torch.from_numpy(np.ascontiguousarray(masks[keep]))
         sem_tensor = None if semantic is None else torch.as_tensor(semantic.astype(np.int64))
-        if self.size_divisibility > 0:
+        if self.size_divisibility > 0 and self.is_train:  # test images keep their size
             pad = _padding((height, width), self.size_divisibility)
             image_tensor = F.pad(image_tensor, pad, value=IMAGE_PAD_VALUE)
             mask_tensor = F.pad(mask_tensor, pad, value=False)
@@ -424,3 +431,79 @@ def build_mapper(cfg: CfgNode, is_train: bool):
             f"{sorted(name for name, _ in MAPPER_REGISTRY)}."
         )
     return MAPPER_REGISTRY.get(name)(cfg, is_train)
+
+
+class ReferringDatasetMapper:
+    """Referring-expression dicts (RefCOCO family: one referred object in `annotations`, its
+    expressions in `sentences`) -> ``image``, ``sentences`` and the object's mask.
+
+    Training: ResizeShortestEdge only (a flip or crop would falsify "left" / "right" / "top"
+    in the expressions); ``instances`` holds the object's class and mask at the resized size.
+    Test: the resized image plus ``gt_mask`` (bool [height, width], original resolution) for
+    the referring evaluator.
+    """
+
+    @configurable
+    def __init__(self, is_train: bool = True, *, augmentations: List, image_format: str):
+        self.is_train = is_train
+        self.augmentations = T.AugmentationList(augmentations)
+        self.image_format = image_format
+
+    @classmethod
+    def from_config(cls, cfg: CfgNode, is_train: bool = True) -> dict:
+        if is_train:
+            augmentations = [
+                T.ResizeShortestEdge(
+                    cfg.INPUT.MIN_SIZE_TRAIN, cfg.INPUT.MAX_SIZE_TRAIN,
+                    cfg.INPUT.MIN_SIZE_TRAIN_SAMPLING,
+                )
+            ]
+        else:
+            augmentations = build_test_augmentation(cfg)
+        return {"is_train": is_train, "augmentations": augmentations,
+                "image_format": cfg.INPUT.FORMAT}
+
+    def __call__(self, dataset_dict: dict) -> dict:
+        dataset_dict = copy.deepcopy(dataset_dict)
+        file_name = required(dataset_dict, "file_name", "dataset dict")
+        sentences = required(dataset_dict, "sentences", file_name)
+        if not sentences:
+            raise AnnotationError(
+                f"{file_name}: 'sentences' is empty (ref {dataset_dict.get('ref_id')})."
+            )
+        annotations = [a for a in required(dataset_dict, "annotations", file_name)
+                       if not a.get("iscrowd", 0)]
+        image = read_file(file_name, self.image_format)
+        utils.check_image_size(dataset_dict, image)
+        image_hw = image.shape[:2]
+        masks = np.zeros((0, *image_hw), bool)
+        if annotations:
+            masks = np.stack(
+                [decode_segmentation(a["segmentation"], image_hw, f"{file_name} annotation {i}")
+                 for i, a in enumerate(annotations)]
+            )
+        aug_input = T.AugInput(image)
+        transforms = self.augmentations(aug_input)
+        dataset_dict.pop("annotations")
+        dataset_dict["image"] = _image_tensor(aug_input.image)
+        dataset_dict["sentences"] = [str(s) for s in sentences]
+        if not self.is_train:
+            dataset_dict["gt_mask"] = torch.from_numpy(masks.any(axis=0))
+            return dataset_dict
+        height, width = aug_input.image.shape[:2]
+        resized = torch.from_numpy(
+            np.ascontiguousarray(transform_masks(transforms, masks, (height, width)))
+        )
+        instances = Instances((height, width))
+        instances.gt_classes = torch.tensor(
+            [int(a["category_id"]) for a in annotations], dtype=torch.int64
+        )
+        instances.gt_masks = resized
+        instances.gt_boxes = BitMasks(resized).get_bounding_boxes()
+        dataset_dict["instances"] = instances
+        return dataset_dict
+
+
+@MAPPER_REGISTRY.register()
+def referring(cfg: CfgNode, is_train: bool) -> ReferringDatasetMapper:
+    return ReferringDatasetMapper(cfg, is_train)

@@ -7,7 +7,7 @@ from typing import Any, Dict, List, Type
 import torch
 from detectron2.config import CfgNode
 from detectron2.solver import build_lr_scheduler as d2_build_lr_scheduler
-from detectron2.solver.build import maybe_add_gradient_clipping
+from detectron2.solver.build import maybe_add_gradient_clipping, reduce_param_groups
 from detectron2.solver.lr_scheduler import LRMultiplier, WarmupParamScheduler
 from fvcore.common.param_scheduler import ParamScheduler
 from torch import nn
@@ -60,8 +60,11 @@ def _with_full_model_clipping(optim_cls: Type[torch.optim.Optimizer], max_norm: 
 
 def build_optimizer(cfg: CfgNode, model: nn.Module) -> torch.optim.Optimizer:
     """SGD or AdamW (`SOLVER.OPTIMIZER`) over `optimizer_param_groups`, with gradient clipping
-    from `SOLVER.CLIP_GRADIENTS` (CLIP_TYPE "full_model", "value" or "norm")."""
-    groups = optimizer_param_groups(cfg, model)
+    from `SOLVER.CLIP_GRADIENTS` (CLIP_TYPE "full_model", "value" or "norm").
+
+    Parameters with equal hyper-parameters share one group, so PyTorch's multi-tensor
+    (foreach) update runs over them together instead of once per tensor."""
+    groups = reduce_param_groups(optimizer_param_groups(cfg, model))
     if not groups:
         raise ValueError("the model has no trainable parameters: check the FROZEN config keys")
     name = cfg.SOLVER.OPTIMIZER.upper()

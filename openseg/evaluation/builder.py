@@ -11,9 +11,12 @@ from detectron2.config import CfgNode
 from detectron2.data import MetadataCatalog
 from detectron2.evaluation import DatasetEvaluator, DatasetEvaluators
 
+from openseg.data.splits import apply_class_splits
+
 __all__ = [
     "EVALUATOR_FAMILIES",
     "build_evaluator",
+    "ensure_class_splits",
     "evaluator_families",
     "register_evaluator_family",
 ]
@@ -25,6 +28,10 @@ EVALUATOR_FAMILIES: Dict[str, Union[str, EvaluatorFactory]] = {
     "semantic": "openseg.evaluation.semantic:SemanticEvaluator",
     "instance": "openseg.evaluation.instance:InstanceSegEvaluator",
     "open_world_ar": "openseg.evaluation.open_world:OpenWorldAREvaluator",
+    "referring": "openseg.evaluation.referring:ReferringEvaluator",
+    "open_ended": "openseg.evaluation.open_ended:OpenEndedAccuracyEvaluator",
+    "lac": "openseg.evaluation.lac:LexicalAlignmentEvaluator",
+    "sbert_mapping": "openseg.evaluation.sbert_mapping:SBERTMappingEvaluator",
 }
 
 
@@ -65,14 +72,30 @@ def evaluator_families(cfg: CfgNode, dataset_name: str) -> List[str]:
     return families
 
 
+def ensure_class_splits(cfg: CfgNode, dataset_name: str) -> None:
+    """Give a test set without its own `class_splits` the seen/unseen split against the
+    training vocabulary (cfg.DATASETS.TRAIN[0]) by class-name overlap, as open-vocabulary
+    papers report COCO -> X; splits a dataset defines itself (LVIS-OW, demo) are kept."""
+    if MetadataCatalog.get(dataset_name).get("class_splits") is not None or not cfg.DATASETS.TRAIN:
+        return
+    apply_class_splits(dataset_name, cfg.DATASETS.TRAIN[0])
+
+
 def build_evaluator(
     cfg: CfgNode, dataset_name: str, output_dir: Optional[str] = None
 ) -> DatasetEvaluators:
     """One evaluator per metric family of `dataset_name` (see `evaluator_families`), each
-    writing its raw results and metrics JSON under `output_dir`."""
-    return DatasetEvaluators(
-        [
-            _resolve(family)(dataset_name, output_dir=output_dir, distributed=True)
-            for family in evaluator_families(cfg, dataset_name)
-        ]
-    )
+    writing its raw results and metrics JSON under `output_dir`.
+
+    A family whose evaluator reads config keys (e.g. cfg.TEST.OPEN_ENDED.*) provides a
+    classmethod `from_config(cfg, dataset_name, output_dir)` returning the evaluator; the
+    others are called as `factory(dataset_name, output_dir=..., distributed=True)`."""
+    ensure_class_splits(cfg, dataset_name)
+    evaluators = []
+    for family in evaluator_families(cfg, dataset_name):
+        factory = _resolve(family)
+        if hasattr(factory, "from_config"):
+            evaluators.append(factory.from_config(cfg, dataset_name, output_dir))
+        else:
+            evaluators.append(factory(dataset_name, output_dir=output_dir, distributed=True))
+    return DatasetEvaluators(evaluators)

@@ -8,13 +8,18 @@ object) and mask logits [Q, H, W] just before the standard post-processing, so e
 `OpenSegMaskFormer` subclass runs under them unchanged:
 
 - segmentation: the candidate masks are replaced by the ground-truth segments, classified by
-  the model itself (`classify_masks`; FC-CLIP: the CLIP head on mask-pooled dense features);
+  the model itself (`classify_masks`; FC-CLIP: the CLIP head on mask-pooled dense features)
+  with the no-object class excluded;
 - classification: every candidate mask with IoU > `classification_iou` against a ground-truth
   segment takes that segment's class (its no-object probability is kept);
 - mask selection: ground truth and all candidates are matched one-to-one by the Hungarian
   algorithm on Mask2Former's BCE + Dice mask costs; matched candidates are kept whatever their
   no-object score, the others dropped;
 - drop no-object: the no-object logit is ignored, every candidate competes on its classes.
+
+Under the segmentation and mask-selection oracles the oracle decides which masks exist, so
+panoptic post-processing keeps every remaining mask whatever its class confidence
+(`OracleSwitches.selects_masks`; no OBJECT_MASK_THRESHOLD).
 
 Combinations compose in the order selection -> segmentation -> classification -> drop
 no-object. Selection + segmentation keeps the matched queries with their own class scores but
@@ -27,6 +32,7 @@ from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
+from detectron2.projects.point_rend.point_features import point_sample
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
@@ -68,6 +74,12 @@ class OracleSwitches:
     @property
     def enabled(self) -> bool:
         return self.segmentation or self.classification or self.mask_selection or self.drop_no_object
+
+    @property
+    def selects_masks(self) -> bool:
+        """The segmentation and mask-selection oracles decide which masks exist, so panoptic
+        post-processing must keep all of them rather than drop low-confidence ones."""
+        return self.segmentation or self.mask_selection
 
     @property
     def name(self) -> str:
@@ -127,8 +139,6 @@ def match_masks(
     if mask_pred.shape[0] == 0 or gt_masks.shape[0] == 0:
         empty = torch.zeros(0, dtype=torch.long, device=device)
         return empty, empty.clone()
-    from detectron2.projects.point_rend.point_features import point_sample
-
     coords = matching_grid(image_size, tuple(mask_pred.shape[-2:]), device)[None]
     pred_points = point_sample(
         mask_pred[:, None].float(), coords.expand(mask_pred.shape[0], -1, -1), align_corners=False
@@ -201,7 +211,8 @@ def apply_oracles(
         if switches.segmentation:
             mask_pred = masks_as_logits(gt_masks)
     elif switches.segmentation:
-        mask_cls = classify_masks(gt_masks)
+        mask_cls = classify_masks(gt_masks).clone()
+        mask_cls[:, -1] = IMPOSSIBLE_LOGIT  # ground-truth segments are never "no object"
         mask_pred = masks_as_logits(gt_masks)
     if switches.classification and gt_labels.numel() and mask_pred.shape[0]:
         binary = mask_pred[:, :height, :width] > 0
@@ -223,13 +234,12 @@ def matched_query_logits(
     mask_cls: Tensor, mask_pred: Tensor, gt_masks: Tensor, image_size: Tuple[int, int]
 ) -> Tensor:
     """[M, K+1] class logits of the query matched to each ground-truth mask (BCE + Dice
-    Hungarian matching); ground-truth masks left without a query get no-object. The default
-    `classify_masks` of a model whose classifier only reads its own queries."""
-    logits = torch.full(
-        (gt_masks.shape[0], mask_cls.shape[-1]), IMPOSSIBLE_LOGIT, device=mask_cls.device,
-        dtype=mask_cls.dtype,
+    Hungarian matching); masks left without a query (more masks than queries) get uniform
+    class scores. The default `classify_masks` of a model whose classifier only reads its own
+    queries."""
+    logits = torch.zeros(
+        (gt_masks.shape[0], mask_cls.shape[-1]), device=mask_cls.device, dtype=mask_cls.dtype
     )
-    logits[:, -1] = 0.0
     query_index, gt_index = match_masks(mask_pred, gt_masks, image_size)
     logits[gt_index] = mask_cls[query_index]
     return logits

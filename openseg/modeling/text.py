@@ -38,7 +38,9 @@ class OpenCLIPTextEncoder(nn.Module):
         clip_model: an open_clip model (e.g. `OpenCLIPBackbone.clip_model`).
         tokenizer: open_clip tokenizer of that model.
         identity: names the weights, e.g. "<model name>@<checkpoint path>"; two encoders with
-            the same identity must give the same embeddings.
+            the same identity must give the same embeddings. "" = a fingerprint of the text
+            tower's current weights, recomputed on every access (random-init encoders, whose
+            weights may later be replaced by a checkpoint's).
         persistent: whether `identity` stays valid across processes (weights read from a
             file); random-init encoders are not, so they are never cached on disk.
     """
@@ -47,8 +49,18 @@ class OpenCLIPTextEncoder(nn.Module):
         super().__init__()
         self.clip_model = clip_model
         self.tokenizer = tokenizer
-        self.identity = identity
+        self._identity = identity
         self.persistent = persistent
+
+    @property
+    def identity(self) -> str:
+        if self._identity:
+            return self._identity
+        digest = hashlib.sha1()
+        for name, param in self.clip_model.named_parameters():
+            if not name.startswith("visual."):
+                digest.update(param.detach().float().cpu().numpy().tobytes())
+        return f"{type(self.clip_model).__name__}@weights:{digest.hexdigest()}"
 
     @classmethod
     def from_pretrained(cls, model_name: str, pretrained_path: str = "") -> "OpenCLIPTextEncoder":
@@ -63,7 +75,7 @@ class OpenCLIPTextEncoder(nn.Module):
         return cls(
             model,
             open_clip.get_tokenizer(model_name),
-            _weights_identity(model_name, pretrained_path, model),
+            _weights_identity(model_name, pretrained_path),
             persistent=bool(pretrained_path),
         )
 
@@ -76,7 +88,7 @@ class OpenCLIPTextEncoder(nn.Module):
         return cls(
             backbone.clip_model,
             backbone.tokenizer,
-            _weights_identity(backbone.model_name, pretrained_path, backbone.clip_model),
+            _weights_identity(backbone.model_name, pretrained_path),
             persistent=bool(pretrained_path),
         )
 
@@ -90,13 +102,13 @@ class OpenCLIPTextEncoder(nn.Module):
         return self.clip_model.encode_text(tokens.to(device), normalize=True)
 
 
-def _weights_identity(model_name: str, pretrained_path: str, model: nn.Module) -> str:
-    """Checkpoints are identified by path, size and modification time; random weights by the
-    object, which is only valid in this process."""
+def _weights_identity(model_name: str, pretrained_path: str) -> str:
+    """Checkpoints are identified by path, size and modification time; random weights by a
+    fingerprint of their values ("", see `OpenCLIPTextEncoder`)."""
     if pretrained_path:
         stat = os.stat(pretrained_path)
         return f"{model_name}@{os.path.abspath(pretrained_path)}:{stat.st_size}:{stat.st_mtime_ns}"
-    return f"{model_name}@random-init:{id(model)}"
+    return ""
 
 
 def _as_vocabulary(vocabulary: VocabularyLike) -> Vocabulary:

@@ -14,6 +14,7 @@ from .coco import register_all_coco
 from .common import DatasetNotFoundError, dataset_root, register_lazy, require
 from .demo import generate_demo, register_all_demo
 from .lvis import register_all_lvis
+from .lvis_ow import register_all_lvis_ow
 from .pascal_context import register_all_pascal_context
 from .pascal_voc import register_all_pascal_voc
 from .refcoco import register_all_refcoco
@@ -25,6 +26,7 @@ REGISTER_FUNCTIONS = (
     register_all_coco,
     register_all_ade20k,
     register_all_lvis,
+    register_all_lvis_ow,
     register_all_cityscapes,
     register_all_pascal_voc,
     register_all_pascal_context,

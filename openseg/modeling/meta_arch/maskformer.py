@@ -25,6 +25,7 @@ from ..inference import instance_inference, panoptic_inference, semantic_inferen
 from ..losses import SetCriterion
 from ..mask_decoder import build_transformer_decoder
 from ..matcher import HungarianMatcher
+from ..oracles import OracleSwitches, apply_oracles, ground_truth_of_input, matched_query_logits
 from ..pixel_decoder import build_pixel_decoder
 
 logger = logging.getLogger(__name__)
@@ -63,6 +64,7 @@ class OpenSegMaskFormer(nn.Module):
         instance_on: bool,
         test_topk_per_image: int,
         class_agnostic: bool = False,
+        oracles: OracleSwitches = OracleSwitches(),
     ):
         """
         Args:
@@ -82,6 +84,7 @@ class OpenSegMaskFormer(nn.Module):
             semantic_on, panoptic_on, instance_on: which outputs inference produces.
             test_topk_per_image: maximum instances per image.
             class_agnostic: a single "object" class; only instance outputs.
+            oracles: ground-truth oracles applied before post-processing (cfg.TEST.ORACLE).
         """
         super().__init__()
         self.backbone = backbone
@@ -99,6 +102,7 @@ class OpenSegMaskFormer(nn.Module):
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
         self.class_agnostic = class_agnostic
+        self.oracles = oracles
         if class_agnostic and (semantic_on or panoptic_on or not instance_on):
             logger.info(
                 "MODEL.MASK_FORMER.CLASS_AGNOSTIC: only instance outputs are produced; "
@@ -151,6 +155,7 @@ class OpenSegMaskFormer(nn.Module):
             "instance_on": mask_former.TEST.INSTANCE_ON,
             "test_topk_per_image": mask_former.TEST.DETECTIONS_PER_IMAGE,
             "class_agnostic": class_agnostic,
+            "oracles": OracleSwitches.from_config(cfg),
         }
 
     @staticmethod
@@ -241,21 +246,40 @@ class OpenSegMaskFormer(nn.Module):
     def postprocess(
         self, outputs: Dict, batched_inputs: List[Dict], images: ImageList
     ) -> List[Dict]:
-        """Upsample mask logits to the padded input size, then post-process each image."""
+        """Upsample mask logits to the padded input size, apply the enabled oracles
+        (openseg.modeling.oracles), then post-process each image."""
+        padded_size = tuple(images.tensor.shape[-2:])
         mask_pred_results = F.interpolate(
-            outputs["pred_masks"], size=images.tensor.shape[-2:], mode="bilinear",
-            align_corners=False,
+            outputs["pred_masks"], size=padded_size, mode="bilinear", align_corners=False,
         )
         processed_results = []
-        for mask_cls, mask_pred, x, image_size in zip(
+        for index, (mask_cls, mask_pred, x, image_size) in enumerate(zip(
             outputs["pred_logits"], mask_pred_results, batched_inputs, images.image_sizes
-        ):
+        )):
             height = x.get("height", image_size[0])
             width = x.get("width", image_size[1])
+            if self.oracles.enabled:
+                gt_labels, gt_masks = ground_truth_of_input(x, padded_size, self.device)
+                mask_cls, mask_pred = apply_oracles(
+                    self.oracles, mask_cls, mask_pred, gt_labels, gt_masks, image_size,
+                    lambda masks: self.classify_masks(
+                        outputs, index, masks, mask_cls, mask_pred, image_size
+                    ),
+                )
             processed_results.append(
                 self.inference_single_image(mask_cls, mask_pred, image_size, height, width)
             )
         return processed_results
+
+    def classify_masks(
+        self, outputs: Dict, image_index: int, masks: Tensor, mask_cls: Tensor,
+        mask_pred: Tensor, image_size: Tuple[int, int],
+    ) -> Tensor:
+        """[M, K+1] class logits of given bool masks [M, H_pad, W_pad] of image `image_index`
+        (the segmentation oracle's classifier). A MaskFormer classifies queries, not masks: each
+        mask takes the logits of the query matched to it on mask costs. Open-vocabulary
+        subclasses classify the masks' own content instead (FC-CLIP: CLIP mask pooling)."""
+        return matched_query_logits(mask_cls, mask_pred, masks, image_size)
 
     def inference_single_image(
         self, mask_cls: Tensor, mask_pred: Tensor, image_size: Tuple[int, int], height: int,
@@ -282,7 +306,9 @@ class OpenSegMaskFormer(nn.Module):
         if self.panoptic_on:
             result["panoptic_seg"] = panoptic_inference(
                 mask_cls, output_masks, thing_ids=self.thing_ids,
-                object_mask_threshold=self.object_mask_threshold,
+                object_mask_threshold=(
+                    0.0 if self.oracles.selects_masks else self.object_mask_threshold
+                ),
                 overlap_threshold=self.overlap_threshold,
             )
         if self.instance_on:

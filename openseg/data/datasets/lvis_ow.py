@@ -1,0 +1,93 @@
+"""Open-world instance segmentation splits with known / seen / unseen classes.
+
+`openseg_lvis_ow_{train,test}`: LVIS-OW (SegPrompt, Zhu et al. ICCV 2023, Sec. 4.1), made by
+datasets/prepare_lvis_ow.py from LVIS v1 + COCO. Training labels cover the known classes only;
+the test set is scored with class-wise AR per group (evaluator "open_world_ar").
+
+`openseg_demo_ow_{train,val}`: the same protocol on the embedded demo shapes (thing classes
+only): circle and square are known, triangle is seen (in training images, labels dropped),
+cross is unseen (never in training images), so open-world methods train on CPU in minutes.
+"""
+
+import json
+from functools import partial
+from pathlib import Path
+from typing import Dict, List
+
+from detectron2.data import DatasetCatalog
+from detectron2.data.datasets.coco import load_coco_json
+
+from .common import register_lazy, require
+from .demo import DEMO_DIRNAME, THING_CLASSES, split_paths
+from .lvis import lvis_v1_metadata
+
+PREPARE = (
+    "python datasets/prepare_lvis_ow.py (needs lvis/lvis_v1_{train,val}.json and "
+    "coco/annotations/instances_train2017.json)"
+)
+LVIS_OW_FILES = {"train": "lvis_ow_train.json", "test": "lvis_ow_test.json"}
+LVIS_OW_SPLITS = "lvis_ow_splits.json"
+
+DEMO_OW_SPLITS = {"known": [0, 1], "seen": [2], "unseen": [3]}  # circle, square | triangle | cross
+
+
+def load_lvis_ow(root: Path, split: str) -> List[dict]:
+    """Instance dicts of one LVIS-OW split; contiguous category id = LVIS id - 1."""
+    json_file = require(root / "lvis" / LVIS_OW_FILES[split], PREPARE)
+    image_root = require(root / "coco", "download COCO 2017 images into $OPENSEG_DATASETS/coco")
+    dicts = load_coco_json(str(json_file), str(image_root))
+    for record in dicts:
+        for annotation in record["annotations"]:
+            annotation["category_id"] -= 1
+    return dicts
+
+
+def lvis_ow_class_splits(root: Path) -> Dict:
+    """Metadata `class_splits` written by the prepare script (depends on the real files)."""
+    with open(require(root / "lvis" / LVIS_OW_SPLITS, PREPARE)) as f:
+        return {"class_splits": json.load(f)}
+
+
+def load_demo_ow(root: Path, split: str) -> List[dict]:
+    """Instance dicts of the demo split, training labels restricted to the known classes."""
+    dicts = DatasetCatalog.get(f"openseg_demo_{split}")
+    keep = set(DEMO_OW_SPLITS["known"]) if split == "train" else set(range(len(THING_CLASSES)))
+    return [
+        {
+            "file_name": d["file_name"],
+            "image_id": d["image_id"],
+            "height": d["height"],
+            "width": d["width"],
+            "annotations": [a for a in d["annotations"] if a["category_id"] in keep],
+        }
+        for d in dicts
+    ]
+
+
+def register_all_lvis_ow(root: Path) -> None:
+    """Register openseg_lvis_ow_{train,test} and openseg_demo_ow_{train,val}."""
+    root = Path(root)
+    for split, file_name in LVIS_OW_FILES.items():
+        metadata = lvis_v1_metadata()
+        metadata["evaluators"] = ["open_world_ar"]
+        register_lazy(
+            f"openseg_lvis_ow_{split}",
+            partial(load_lvis_ow, root, split),
+            lazy_metadata=partial(lvis_ow_class_splits, root),
+            lazy_keys=("class_splits",),
+            json_file=str(root / "lvis" / file_name),
+            image_root=str(root / "coco"),
+            **metadata,
+        )
+    demo_dir = root / DEMO_DIRNAME
+    for split in ("train", "val"):
+        register_lazy(
+            f"openseg_demo_ow_{split}",
+            partial(load_demo_ow, root, split),
+            thing_classes=list(THING_CLASSES),
+            thing_dataset_id_to_contiguous_id={i + 1: i for i in range(len(THING_CLASSES))},
+            class_splits={k: list(v) for k, v in DEMO_OW_SPLITS.items()},
+            evaluators=["open_world_ar"],
+            json_file=split_paths(demo_dir, split)["json_file"],
+            image_root=split_paths(demo_dir, split)["image_root"],
+        )
