@@ -264,3 +264,35 @@ def test_missing_llm_path_is_reported():
             )
         )
     assert OSM is not None
+
+
+def test_proposals_from_a_registered_class_agnostic_model(llm_dir, tmp_path):
+    """MASK_SOURCE 'proposals' runs a class-agnostic MaskFormer built from its YAML + saved
+    weights and names its top-k masks: the masks equal that model's own top-k instances."""
+    import cv2
+    from detectron2.checkpoint import DetectionCheckpointer
+    from detectron2.data import DatasetCatalog
+
+    proposal_config = os.path.join(
+        os.path.dirname(__file__), "..", "configs", "demo", "maskformer_R18_class_agnostic.yaml"
+    )
+    torch.manual_seed(0)
+    proposal = build_model(load_config(proposal_config)).eval()
+    DetectionCheckpointer(proposal, save_dir=str(tmp_path)).save("proposal")
+    cfg = _cfg(llm_dir)
+    cfg.merge_from_list([
+        "MODEL.OSM.MASK_SOURCE", "proposals", "MODEL.OSM.PROPOSAL_CONFIG", proposal_config,
+        "MODEL.OSM.PROPOSAL_WEIGHTS", str(tmp_path / "proposal.pth"), "MODEL.OSM.PROPOSAL_TOPK", "3",
+    ])
+    osm = build_model(cfg).eval()
+
+    record = DatasetCatalog.get("openseg_demo_val")[0]
+    image = cv2.imread(record["file_name"])[:, :, ::-1]  # both models read RGB
+    batch = [{"image": torch.as_tensor(image.transpose(2, 0, 1).copy()),
+              "height": image.shape[0], "width": image.shape[1]}]
+    with torch.no_grad():
+        expected = proposal(batch)[0]["instances"]
+        named = osm(batch)[0]["instances"]
+    top = expected.scores.argsort(descending=True)[:3]
+    assert len(named) == 3 and len(named.pred_texts) == 3
+    assert torch.equal(named.pred_masks, expected.pred_masks[top].bool())
