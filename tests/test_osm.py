@@ -296,3 +296,12 @@ def test_proposals_from_a_registered_class_agnostic_model(llm_dir, tmp_path):
     top = expected.scores.argsort(descending=True)[:3]
     assert len(named) == 3 and len(named.pred_texts) == 3
     assert torch.equal(named.pred_masks, expected.pred_masks[top].bool())
+
+
+def test_instruction_templates_from_config(llm_dir):
+    cfg = _cfg(llm_dir)
+    cfg.merge_from_list(["MODEL.OSM.INSTRUCTION_TEMPLATES", ["Name {mask} please.", "What is {mask}?"]])
+    assert build_model(cfg).templates == [["Name ", " please."], ["What is ", "?"]]
+    cfg.merge_from_list(["MODEL.OSM.INSTRUCTION_TEMPLATES", ["no placeholder"]])
+    with pytest.raises(ValueError, match="no placeholder"):
+        build_model(cfg)

@@ -36,3 +36,6 @@ def add_osm_config(cfg: CN) -> None:
     osm.PROPOSAL_CONFIG = ""  # YAML of the proposal model (e.g. class-agnostic MaskFormer)
     osm.PROPOSAL_WEIGHTS = ""
     osm.PROPOSAL_TOPK = 50
+    # instruction templates with one "{mask}" each (training samples one per mask, testing uses
+    # the first); empty = the 19 of projects/osm/templates.py
+    osm.INSTRUCTION_TEMPLATES = []

@@ -206,6 +206,7 @@ class OSM(nn.Module):
             "proposal_model": proposal_model,
             "proposal_topk": osm.PROPOSAL_TOPK,
             "input_format": cfg.INPUT.FORMAT,
+            "templates": tuple(osm.INSTRUCTION_TEMPLATES) or tuple(INSTRUCTION_TEMPLATES),
         }
 
     @property
