@@ -15,7 +15,6 @@ def add_openseg_config(cfg: CN) -> None:
     """Add the keys of the shared data pipeline, Mask2Former core and evaluation to `cfg`."""
     # ---------------------------------------------------------------- data
     cfg.INPUT.DATASET_MAPPER_NAME = "panoptic"  # panoptic | instance | semantic | panoptic_lsj | instance_lsj
-    cfg.INPUT.COLOR_AUG_SSD = False
     cfg.INPUT.SIZE_DIVISIBILITY = -1
     cfg.INPUT.CROP.SINGLE_CATEGORY_MAX_AREA = 1.0
     # large-scale jitter (LSJ): square IMAGE_SIZE crops of images rescaled by [MIN, MAX]
