@@ -38,6 +38,7 @@ setup_env() {
   if [ "$(cat "$req_stamp" 2>/dev/null)" != "$want_req" ]; then
     echo "[openseg] installing requirements into $venv"
     "$py" -m pip install --disable-pip-version-check -q -r requirements.txt
+    "$py" -m pip install --disable-pip-version-check -q --no-deps "torchscale==0.3.0"
     # a detectron2 the user built from source is kept; otherwise the cp310 wheel of main
     if ! "$py" -c 'import detectron2' 2>/dev/null; then
       "$py" -m pip install --disable-pip-version-check -q "sal-detectron2==0.7.2"
