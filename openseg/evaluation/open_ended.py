@@ -5,11 +5,19 @@ A model that names masks freely (`instances.pred_texts`) is run on ground-truth 
 proposals). Each predicted mask is assigned the ground-truth segment it overlaps with IoU >=
 `iou_threshold` (ground-truth masks match their own segment with IoU 1); then
 
-* Acc  - the share of matched masks whose name is the ground-truth class: its class name or a
-         synonym (dataset metadata `synonyms`), singular or plural, case and punctuation
-         ignored;
-* NIV  - the share of matched masks whose name is none of the vocabulary's names at all
-         (the model answered outside the test vocabulary).
+* Acc  - the share of matched masks whose name is the ground-truth class: exactly its class
+         name or a synonym (dataset metadata `synonyms`), in singular or plural form, case,
+         punctuation and spacing ignored (OSM Sec. 4, "Evaluation Protocols": "correct only
+         when the predicted class name exactly matches", synonyms and plural / singular forms
+         added). "a dog" or "two dogs" is not an exact match of "dog";
+* NIV  - the share of matched masks whose name is none of the vocabulary's names (in
+         singular or plural form) at all: the model answered outside the test vocabulary.
+
+The release (test/evaluate_pred.py) adds suffix-rule plural / singular forms of the ground-truth
+names only; here both the answer and the names are singularised (irregular plurals too). For NIV
+the release compares the raw answer with the raw names, so a plural answer counts as correct and
+as not-in-vocabulary at once; the paper defines NIV as answers outside the vocabulary, which
+a plural class name is not, and that is what is computed here.
 
 mAcc averages Acc per ground-truth class; Acc_<split> / NIV_<split> restrict to the masks of
 each `class_splits` subset. Values are in percent.
@@ -124,11 +132,9 @@ def match_to_ground_truth(
 
 
 class VocabularyMatcher:
-    """Which class (if any) a free-form name is, by exact comparison with every class's names
-    after `normalize_description` and singularisation of the last word; leading articles and
-    numerals are ignored ("The dogs" is "dog")."""
-
-    _LEADING = ("a", "an", "the", "some", "two", "three", "several", "many")
+    """Which class (if any) a free-form name is: exact comparison with every class's names after
+    `normalize_description` (case, punctuation, spacing) and singularisation of the last word
+    of both sides ("Dogs" is "dog"; "the dog" is not)."""
 
     def __init__(
         self,
@@ -145,10 +151,7 @@ class VocabularyMatcher:
                         ids.append(class_id)
 
     def canonical(self, text: str) -> str:
-        words = normalize_description(text).split()
-        while len(words) > 1 and words[0] in self._LEADING:
-            words = words[1:]
-        return self._singularize(" ".join(words)) if words else ""
+        return self._singularize(normalize_description(text))
 
     def classes_of(self, text: str) -> List[int]:
         """Class ids whose names `text` is (several when classes share a synonym)."""
