@@ -887,18 +887,17 @@ def load_local_llm(
     model.to(device).eval()
 
     def generate(messages: List[Dict[str, str]]) -> str:
-        ids = tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, return_tensors="pt"
+        inputs = tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
         ).to(device)
         with torch.no_grad():
             out = model.generate(
-                ids,
-                attention_mask=torch.ones_like(ids),
+                **inputs,
                 max_new_tokens=max_new_tokens,
                 do_sample=False,
                 pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
             )
-        return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+        return tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
 
     return generate
 
