@@ -62,9 +62,10 @@ def test_accuracy_and_not_in_vocabulary(tmp_path):
     torch.manual_seed(0)
     # per class: the k-th segment's name alternates among these (text, correct, in vocabulary)
     answers = {
-        0: [("Circles", True, True), ("a disc", True, True), ("square", False, True)],
-        1: [("the box", True, True), ("cube", False, False)],
-        2: [("triangle", True, True)],
+        0: [("Circles", True, True), ("Discs.", True, True), ("square", False, True)],
+        # an exact match is required (OSM Sec. 4): "the box" is not the name "box"
+        1: [("BOXES", True, True), ("cube", False, False), ("the box", False, False)],
+        2: [("triangle", True, True), ("a triangle", False, False)],
         3: [("plus signs", True, True), ("star", False, False), ("circle", False, True)],
         4: [("Sky", True, True), ("clouds", False, False)],
         5: [("lawn", True, True), ("meadows", True, True)],
@@ -111,10 +112,10 @@ DESCRIPTION = {
 }
 LEVEL_OF_CLASS = {0: 1, 1: 0, 2: 2, 3: 3, 4: 3, 5: 1, 6: 2}
 HAND_TABLE = {
-    "isosceles triangle": {"triangle": "hyponym"},
-    "crossbar": {"cross": "meronym"},
-    "cloud": {"sky": "meronym"},
-    "ocean": {"water": "hyponym"},
+    "isosceles triangle": {"hyponyms": ["triangle"]},
+    "crossbar": {"meronyms": ["cross"]},
+    "cloud": {"meronyms": ["sky"]},
+    "ocean": {"hyponyms": ["water"]},
 }
 
 
@@ -164,7 +165,7 @@ def test_builder_families_and_unseen_ground_truth_class(tmp_path):
     from openseg.data.vocab import get_vocabulary
 
     table = RelationTable.from_vocabulary(get_vocabulary(DATASET))
-    table.update({"puddle": {"water": "meronym"}})
+    table.update({"puddle": {"meronyms": ["water"]}})
     evaluator = LexicalAlignmentEvaluator(
         DATASET, distributed=False, mapper=LexicalMapper(table), families=["panoptic"]
     )
