@@ -123,6 +123,10 @@ def test_subject_extraction_by_dependency_parse():
         "the traffic lights above the road": "traffic light",  # compound kept when a noun
         "golden retriever": "golden retriever",
         "yellow dog": "dog",  # an adjective is dropped when the phrase is no noun
+        "Pedestrian standing next to a bus": "pedestrian",  # verb without subject: the root
+        "Square lying on the sand": "square",  # root mis-tagged as an adjective
+        "Cross on the grass": "cross",  # root mis-tagged as a verb
+        "Parked on the street": "parked",  # elided subject: no noun, not "street"
         "people": "person",
         "Buses": "bus",
         "a plus sign": "plus sign",

@@ -239,9 +239,13 @@ class SubjectExtractor:
 
     With a verb, the subject is the nominal subject (`nsubj` / `nsubjpass`) of the sentence
     root in spaCy's dependency parse ("Red car stopped at a traffic light" -> "car"); for a
-    phrase without a verb (or a verb without subject) it is the head of the first noun chunk
-    ("Sky with scattered clouds" -> "sky", "a dog's tail" -> "tail"). A partitive head is
-    replaced by its "of" object ("a group of men" -> "man"). The singular is spaCy's
+    phrase without a verb it is the head of the first noun chunk ("Sky with scattered clouds"
+    -> "sky", "a dog's tail" -> "tail"); for a phrase whose verb has no subject it is the
+    sentence root, the word the rest of the phrase modifies ("Pedestrian standing next to a
+    bus" -> "pedestrian", and "Square lying on the sand" -> "square" where the small model
+    tags "Square" as an adjective; "Parked on the street" has none and maps to background,
+    not to the street). A partitive head is replaced by its "of" object ("a group of men" ->
+    "man"). The singular is spaCy's
     lemma for common nouns, else `singularize` of the lower-cased word (spaCy keeps proper
     nouns such as a sentence-initial "Pedestrians" as written). The returned noun includes
     the head's compound / adjectival modifiers when the combination is a known noun
@@ -277,9 +281,11 @@ class SubjectExtractor:
         head = None
         if root.pos_ in ("VERB", "AUX"):
             head = next((c for c in root.children if c.dep_ in ("nsubj", "nsubjpass")), None)
-        if head is None:
+        if head is None and not any(t.pos_ in ("VERB", "AUX") for t in doc):
             chunk = next(iter(doc.noun_chunks), None)
-            head = chunk.root if chunk is not None else (root if not root.is_punct else tokens[-1])
+            head = chunk.root if chunk is not None else None
+        if head is None:
+            head = root if not root.is_punct else tokens[-1]
         while head.lemma_.lower() in _PARTITIVE_HEADS:
             of = next((c for c in head.children if c.dep_ == "prep" and c.lower_ == "of"), None)
             objects = [c for c in of.children if c.dep_ == "pobj"] if of is not None else []
