@@ -189,3 +189,43 @@ def test_sbert_mapping_evaluator():
     result = _run(evaluator, lambda c, k: names.get(c, "sand"))["sbert_mapping"]
     assert result["PQ@sbert"] == pytest.approx(100.0)
     assert result["MapAcc@sbert"] == pytest.approx(100.0)
+
+
+def test_relation_table_from_config(tmp_path):
+    """cfg.TEST.OPEN_ENDED.RELATION_TABLE / RELATION_OVERRIDES load files in the documented
+    format into the LAC evaluator; a table for another vocabulary or with an unknown class
+    fails naming the file and the key."""
+    import json
+
+    from openseg.data.vocab import get_vocabulary
+
+    classes = [names[0] for names in get_vocabulary(DATASET)]
+    table_file = tmp_path / "table.json"
+    table_file.write_text(json.dumps({"classes": classes, "relations": HAND_TABLE}))
+    override = tmp_path / "override.json"
+    override.write_text(json.dumps({"ocean": {"synonyms": ["water"]}, "crossbar": {}}))
+    cfg = load_config(
+        opts=[
+            "TEST.EVALUATORS", "['lac']",
+            "TEST.OPEN_ENDED.RELATION_TABLE", str(table_file),
+            "TEST.OPEN_ENDED.RELATION_OVERRIDES", f"['{override}']",
+            "TEST.OPEN_ENDED.METRICS", "['panoptic']",
+        ]
+    )
+    evaluator = build_evaluator(cfg, DATASET, str(tmp_path))._evaluators[0]
+    table = evaluator.lexical_mapper.table
+    assert table.relations("isosceles triangle") == [(2, 2)]
+    assert table.relations("ocean") == [(6, 1)]
+    assert table.relations("crossbar") == []
+    assert table.relations("sky") == [(4, 0)]
+    # only the file's relations: the dataset synonyms are not added to a loaded table
+    assert table.relations("lawn") == []
+
+    table_file.write_text(json.dumps({"classes": classes[::-1], "relations": {}}))
+    with pytest.raises(ValueError, match="table.json: the table's 'classes'"):
+        build_evaluator(cfg, DATASET, str(tmp_path))
+    table_file.write_text(
+        json.dumps({"classes": classes, "relations": {"ocean": {"hyponyms": ["sea"]}}})
+    )
+    with pytest.raises(ValueError, match=r"table.json: relations\['ocean'\]\['hyponyms'\] names 'sea'"):
+        build_evaluator(cfg, DATASET, str(tmp_path))

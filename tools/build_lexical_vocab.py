@@ -12,7 +12,7 @@ Two sources:
   tag list) is asked; without `--nouns`, the nouns of the WordNet table and the class names.
 
     python tools/build_lexical_vocab.py --dataset openseg_demo_val --output out/demo_lexical.json
-    python tools/build_lexical_vocab.py --dataset cityscapes_fine_panoptic_val \\
+    python tools/build_lexical_vocab.py --dataset openseg_cityscapes_fine_panoptic_val \\
         --llm /models/Qwen2.5-7B-Instruct --nouns tag2text_nouns.txt --output cityscapes_llm.json
 """
 
