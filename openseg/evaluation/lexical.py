@@ -885,6 +885,10 @@ def load_local_llm(
     if os.path.isfile(path):
         if not path.endswith(".gguf"):
             raise ValueError(f"LLM file '{path}' is not a .gguf file; give a GGUF file or a directory.")
+        try:
+            import gguf  # noqa: F401  (transformers reads GGUF files with it)
+        except ImportError as err:
+            raise ImportError(f"Reading the GGUF file {path} needs `pip install gguf`.") from err
         directory, extra = os.path.dirname(os.path.abspath(path)), {"gguf_file": os.path.basename(path)}
     else:
         directory, extra = path, {}
