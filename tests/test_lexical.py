@@ -18,6 +18,7 @@ from openseg.evaluation.lexical import (
     build_relation_table,
     build_wordnet_relation_table,
     fig5_messages,
+    load_local_llm,
     load_spacy_pipeline,
     load_wordnet,
     parse_relation_answer,
@@ -321,6 +322,15 @@ def test_llm_table_from_fake_generator(caplog):
     assert "cloud" not in table
     assert table.source == "fake"
     assert "1 LLM answers held no relation JSON" in caplog.text
+
+
+def test_local_llm_paths_only(tmp_path):
+    with pytest.raises(FileNotFoundError, match="hub names are not accepted"):
+        load_local_llm("HuggingFaceTB/SmolLM2-135M-Instruct")
+    weights = tmp_path / "model.bin"
+    weights.write_bytes(b"")
+    with pytest.raises(ValueError, match="is not a .gguf file"):
+        load_local_llm(str(weights))
 
 
 def test_sbert_nearest_class():
