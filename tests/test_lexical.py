@@ -97,7 +97,9 @@ def test_ground_truth_priority(mapper):
 
 
 def test_relation_order_is_level_then_list_order():
-    table = RelationTable(["car", "dog", "cat"], {"x": {"meronyms": ["car"], "synonyms": ["cat", "dog"]}})
+    table = RelationTable(
+        ["car", "dog", "cat"], {"x": {"meronyms": ["car"], "synonyms": ["cat", "dog"]}}
+    )
     assert table.relations("x") == [(2, SYNONYM), (1, SYNONYM), (0, MERONYM)]
     # a class name is an exact match of itself, before its stored relations
     table.update({"dog": {"meronyms": ["cat"]}})
@@ -177,9 +179,7 @@ def test_json_roundtrip_override_and_validation(tmp_path):
     # an override: replaces "wheel", removes "window", adds "pup"
     override = tmp_path / "llm.json"
     override.write_text(
-        json.dumps(
-            {"wheel": {"meronyms": ["bicycle"]}, "window": {}, "pup": {"synonyms": ["dog"]}}
-        )
+        json.dumps({"wheel": {"meronyms": ["bicycle"]}, "window": {}, "pup": {"synonyms": ["dog"]}})
     )
     combined = build_relation_table(VOCABULARY, str(path), [str(override)], use_wordnet=False)
     assert combined.relations("wheel") == [(BICYCLE, MERONYM)]
@@ -191,7 +191,10 @@ def test_json_roundtrip_override_and_validation(tmp_path):
         RelationTable.from_json(str(path), ["car", "dog"])
     bad = tmp_path / "bad.json"
     errors = [
-        ({"cat": {"hyponyms": ["tiger"]}}, r"bad.json: relations\['cat'\]\['hyponyms'\] names 'tiger'"),
+        (
+            {"cat": {"hyponyms": ["tiger"]}},
+            r"bad.json: relations\['cat'\]\['hyponyms'\] names 'tiger'",
+        ),
         ({"cat": {"cousins": ["dog"]}}, r"bad.json: relations\['cat'\] has the key 'cousins'"),
         ({"cat": {"exact": ["dog"]}}, r"relations\['cat'\] has the key 'exact'.*implicit"),
         ({"cat": {"hyponyms": "dog"}}, r"relations\['cat'\]\['hyponyms'\] must be a list"),
@@ -235,7 +238,12 @@ def test_wordnet_table_matches_wordnet_facts(wordnet_mapper):
     # the dataset synonyms are synonyms unless WordNet relates them otherwise
     assert table.relations("bike")[0] == (BICYCLE, SYNONYM)
     singular = wordnet_singularize(load_wordnet())
-    assert [singular(w) for w in ("men", "geese", "mice", "buses")] == ["man", "goose", "mouse", "bus"]
+    assert [singular(w) for w in ("men", "geese", "mice", "buses")] == [
+        "man",
+        "goose",
+        "mouse",
+        "bus",
+    ]
 
 
 def test_wordnet_table_keeps_to_the_senses_that_fit():
@@ -282,14 +290,26 @@ def test_fig5_prompt():
 def test_parse_relation_answer_is_robust():
     cases = [
         ('{"synonyms": [], "meronyms": [], "hyponyms": ["car"]}', {"hyponyms": ["car"]}, []),
-        ('```json\n{"synonyms": ["Automobile"], "meronyms": [], "hyponyms": []}\n```',
-         {"synonyms": ["car"]}, []),
-        ("Sure! Here it is: {'Synonyms': ['car',], 'Meronym': ['bicycle', 'car'],}",
-         {"synonyms": ["car"], "meronyms": ["bicycle"]}, []),
-        ('{"hypernyms": ["person"], "holonyms": "bicycle"}',
-         {"hyponyms": ["person"], "meronyms": ["bicycle"]}, []),
-        ('{"synonyms": ["category_0", "unicorn"], "hyponyms": ["pedestrian"]}',
-         {"hyponyms": ["person"]}, ["unicorn"]),
+        (
+            '```json\n{"synonyms": ["Automobile"], "meronyms": [], "hyponyms": []}\n```',
+            {"synonyms": ["car"]},
+            [],
+        ),
+        (
+            "Sure! Here it is: {'Synonyms': ['car',], 'Meronym': ['bicycle', 'car'],}",
+            {"synonyms": ["car"], "meronyms": ["bicycle"]},
+            [],
+        ),
+        (
+            '{"hypernyms": ["person"], "holonyms": "bicycle"}',
+            {"hyponyms": ["person"], "meronyms": ["bicycle"]},
+            [],
+        ),
+        (
+            '{"synonyms": ["category_0", "unicorn"], "hyponyms": ["pedestrian"]}',
+            {"hyponyms": ["person"]},
+            ["unicorn"],
+        ),
         ('I think {so}. {"synonyms": [], "meronyms": [], "hyponyms": []}', {}, []),
     ]
     for answer, expected, dropped in cases:
@@ -314,7 +334,9 @@ def test_llm_table_from_fake_generator(caplog):
         return answers[noun]
 
     table = build_llm_relation_table(CATEGORIES, list(answers), generate, source="fake")
-    assert [m for m in asked] == [fig5_messages(["road", "car", "bicycle", "person"], n) for n in answers]
+    assert [m for m in asked] == [
+        fig5_messages(["road", "car", "bicycle", "person"], n) for n in answers
+    ]
     assert table.relations("sedan") == [(1, HYPONYM)]
     assert table.relations("wheel") == [(2, MERONYM), (1, MERONYM)]  # "truck" dropped
     assert table.relations("car") == [(1, EXACT)]  # a class is not its own synonym

@@ -56,7 +56,12 @@ def test_fig7_sentences_the_rule_reproduces(fig7_mapper):
         ("Red car stopped at a traffic light", "car", "car", ["car"] * 4),  # subject, not "light"
         ("Sky with scattered clouds", "sky", "sky", ["sky"] * 4),
         # a pedestrian is a kind of person (pedestrian.n.01 -> traveler.n.01 -> person.n.01)
-        ("Pedestrian standing next to a bus", "person", "pedestrian", ["bg", "bg", "person", "person"]),
+        (
+            "Pedestrian standing next to a bus",
+            "person",
+            "pedestrian",
+            ["bg", "bg", "person", "person"],
+        ),
         # an OCR-garbled line of the paper's text copy, labelled sky: the parse makes
         # "Bulleting and scattered" modifiers of "clouds", and cloud.n.02 is a part of sky.n.01
         ("Bulleting and scattered clouds", "sky", "cloud", ["bg", "bg", "bg", "sky"]),

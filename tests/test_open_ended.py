@@ -206,10 +206,14 @@ def test_relation_table_from_config(tmp_path):
     override.write_text(json.dumps({"ocean": {"synonyms": ["water"]}, "crossbar": {}}))
     cfg = load_config(
         opts=[
-            "TEST.EVALUATORS", "['lac']",
-            "TEST.OPEN_ENDED.RELATION_TABLE", str(table_file),
-            "TEST.OPEN_ENDED.RELATION_OVERRIDES", f"['{override}']",
-            "TEST.OPEN_ENDED.METRICS", "['panoptic']",
+            "TEST.EVALUATORS",
+            "['lac']",
+            "TEST.OPEN_ENDED.RELATION_TABLE",
+            str(table_file),
+            "TEST.OPEN_ENDED.RELATION_OVERRIDES",
+            f"['{override}']",
+            "TEST.OPEN_ENDED.METRICS",
+            "['panoptic']",
         ]
     )
     evaluator = build_evaluator(cfg, DATASET, str(tmp_path))._evaluators[0]
@@ -227,5 +231,7 @@ def test_relation_table_from_config(tmp_path):
     table_file.write_text(
         json.dumps({"classes": classes, "relations": {"ocean": {"hyponyms": ["sea"]}}})
     )
-    with pytest.raises(ValueError, match=r"table.json: relations\['ocean'\]\['hyponyms'\] names 'sea'"):
+    with pytest.raises(
+        ValueError, match=r"table.json: relations\['ocean'\]\['hyponyms'\] names 'sea'"
+    ):
         build_evaluator(cfg, DATASET, str(tmp_path))

@@ -31,7 +31,9 @@ from openseg.evaluation.lexical import (
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dataset", required=True, help="registered dataset whose vocabulary to use")
+    parser.add_argument(
+        "--dataset", required=True, help="registered dataset whose vocabulary to use"
+    )
     parser.add_argument("--output", required=True, help="JSON file to write")
     parser.add_argument(
         "--min-sense-share",

@@ -296,7 +296,9 @@ class SubjectExtractor:
 
     def __call__(self, text: str) -> str:
         if not isinstance(text, str):
-            raise TypeError(f"A mask description must be a string, got {type(text).__name__}: {text!r}")
+            raise TypeError(
+                f"A mask description must be a string, got {type(text).__name__}: {text!r}"
+            )
         doc = self._nlp(text.strip())
         head = self._head(doc)
         if head is None:
@@ -344,8 +346,8 @@ class RelationTable:
         where = f"{origin}: relations['{noun}']"
         if not isinstance(spec, Mapping):
             raise ValueError(
-                f"{where} must be an object like {{\"synonyms\": [...], \"hyponyms\": [...], "
-                f"\"meronyms\": [...]}}, got {spec!r}."
+                f'{where} must be an object like {{"synonyms": [...], "hyponyms": [...], '
+                f'"meronyms": [...]}}, got {spec!r}.'
             )
         parsed = []
         for key, classes in spec.items():
@@ -355,7 +357,9 @@ class RelationTable:
                     "implicit: a noun equal to a class name)."
                 )
             if isinstance(classes, str) or not isinstance(classes, Sequence):
-                raise ValueError(f"{where}['{key}'] must be a list of class names, got {classes!r}.")
+                raise ValueError(
+                    f"{where}['{key}'] must be a list of class names, got {classes!r}."
+                )
             for name in classes:
                 class_id = self._class_index.get(normalize_name(str(name)))
                 if class_id is None:
@@ -413,7 +417,9 @@ class RelationTable:
         """[(class id, level index)] of `noun`, strongest first; [] if unrelated."""
         key = normalize_name(noun)
         exact = [(self._class_index[key], 0)] if key in self._class_index else []
-        return exact + [(c, level) for c, level in self._relations.get(key, []) if (c, 0) not in exact]
+        return exact + [
+            (c, level) for c, level in self._relations.get(key, []) if (c, 0) not in exact
+        ]
 
     # ---------------------------------------------------------------- I/O
     @classmethod
@@ -599,9 +605,7 @@ class _SenseFilter:
     def class_senses(self, name: str) -> List:
         offsets = sorted(self.word_senses(name))
         senses = [self._wordnet.synset_from_pos_and_offset("n", o) for o in offsets]
-        physical = [
-            s for s in senses if any(self._physical in path for path in s.hypernym_paths())
-        ]
+        physical = [s for s in senses if any(self._physical in path for path in s.hypernym_paths())]
         return physical or senses
 
     def fits(self, word: str, synset) -> bool:
@@ -664,7 +668,10 @@ def build_wordnet_relation_table(
         found, frontier = [(synset, 0)], [synset]
         for up in range(1, depth + 1):
             frontier = [
-                h for node in frontier for h in node.hypernyms() if h.min_depth() >= meronym_min_depth
+                h
+                for node in frontier
+                for h in node.hypernyms()
+                if h.min_depth() >= meronym_min_depth
             ]
             found.extend((h, up) for h in frontier)
         return found
@@ -849,7 +856,9 @@ def build_llm_relation_table(
         noun = normalize_name(noun)
         if not noun:
             continue
-        entry, outside = parse_relation_answer(generate(fig5_messages(categories, noun)), vocabulary)
+        entry, outside = parse_relation_answer(
+            generate(fig5_messages(categories, noun)), vocabulary
+        )
         dropped += len(outside)
         if entry is None:
             unparsed.append(noun)
@@ -884,12 +893,16 @@ def load_local_llm(
 
     if os.path.isfile(path):
         if not path.endswith(".gguf"):
-            raise ValueError(f"LLM file '{path}' is not a .gguf file; give a GGUF file or a directory.")
+            raise ValueError(
+                f"LLM file '{path}' is not a .gguf file; give a GGUF file or a directory."
+            )
         try:
             import gguf  # noqa: F401  (transformers reads GGUF files with it)
         except ImportError as err:
             raise ImportError(f"Reading the GGUF file {path} needs `pip install gguf`.") from err
-        directory, extra = os.path.dirname(os.path.abspath(path)), {"gguf_file": os.path.basename(path)}
+        directory, extra = os.path.dirname(os.path.abspath(path)), {
+            "gguf_file": os.path.basename(path)
+        }
     else:
         directory, extra = path, {}
     tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True, **extra)
