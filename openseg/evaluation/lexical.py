@@ -245,11 +245,13 @@ class SubjectExtractor:
     bus" -> "pedestrian", and "Square lying on the sand" -> "square" where the small model
     tags "Square" as an adjective; "Parked on the street" has none and maps to background,
     not to the street). A partitive head is replaced by its "of" object ("a group of men" ->
-    "man"). The singular is spaCy's
-    lemma for common nouns, else `singularize` of the lower-cased word (spaCy keeps proper
-    nouns such as a sentence-initial "Pedestrians" as written). The returned noun includes
-    the head's compound / adjectival modifiers when the combination is a known noun
-    (`is_noun`: "traffic light", "golden retriever"), at most `max_words` words.
+    "man"). The singular is spaCy's lemma for common nouns, else `singularize` of the
+    lower-cased word (spaCy keeps the words it tags as proper nouns, such as a
+    sentence-initial "Person", as written). The returned noun includes the head's compound /
+    adjectival modifiers when the combination is a known noun (`is_noun`: "traffic light",
+    "golden retriever"), at most `max_words` words. The parse is only as good as the
+    pipeline: en_core_web_sm reads "A square lying on the sand" as a noun phrase headed by
+    "lying"; a larger pipeline can be set with cfg.TEST.OPEN_ENDED.SPACY_PIPELINE.
     """
 
     def __init__(
