@@ -296,8 +296,8 @@ def test_parse_relation_answer_is_robust():
             [],
         ),
         (
-            "Sure! Here it is: {'Synonyms': ['car',], 'Meronym': ['bicycle', 'car'],}",
-            {"synonyms": ["car"], "meronyms": ["bicycle"]},
+            "Sure! Here it is: {'Meronym': ['bicycle', 'car', 'Car'], 'Synonyms': ['car',],}",
+            {"meronyms": ["bicycle", "car"], "synonyms": ["car"]},
             [],
         ),
         (
@@ -316,6 +316,14 @@ def test_parse_relation_answer_is_robust():
         assert parse_relation_answer(answer, CATEGORIES) == (expected, dropped), answer
     for answer in ("no idea", '{"answer": "car"}', "{'synonyms': [car]"):
         assert parse_relation_answer(answer, CATEGORIES) == (None, []), answer
+    # a class named at two levels keeps the stronger one in the table, whatever the key order
+    entry, _ = parse_relation_answer(
+        "{'Meronym': ['bicycle', 'car'], 'Synonyms': ['car']}", CATEGORIES
+    )
+    assert RelationTable(["road", "car", "bicycle", "person"], {"x": entry}).relations("x") == [
+        (1, SYNONYM),
+        (2, MERONYM),
+    ]
 
 
 def test_llm_table_from_fake_generator(caplog):

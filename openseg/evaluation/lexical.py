@@ -832,7 +832,7 @@ def parse_relation_answer(
                     dropped.append(str(item))
                     continue
                 class_name = vocabulary[class_id][0]
-                if all(class_name not in entry[k] for k in entry):
+                if class_name not in entry.get(level, []):
                     entry.setdefault(level, []).append(class_name)
         if found_key:
             return entry, dropped
