@@ -585,7 +585,15 @@ class _SenseFilter:
         # (lemma, synset offset) -> tagged count of every noun sense, read once from
         # index.sense (nltk's Lemma.count() searches the file on every call)
         self._counts: Dict[Tuple[str, int], int] = {}
-        with wordnet.open("index.sense") as f:
+        try:
+            stream = wordnet.open("index.sense")
+        except (OSError, LookupError) as err:
+            raise LookupError(
+                "WordNet's sense index (index.sense, with the tagged-sense counts that pick a "
+                "word's dominant senses) is missing: run `bash tools/setup_wordnet.sh` (Debian "
+                "package wordnet-sense-index)."
+            ) from err
+        with stream as f:
             for line in f:
                 fields = line.split()
                 lemma, _, kind = fields[0].partition("%")
