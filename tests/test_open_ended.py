@@ -235,3 +235,7 @@ def test_relation_table_from_config(tmp_path):
         ValueError, match=r"table.json: relations\['ocean'\]\['hyponyms'\] names 'sea'"
     ):
         build_evaluator(cfg, DATASET, str(tmp_path))
+    table_file.write_text(json.dumps({"classes": classes, "relations": {}}))
+    cfg.TEST.OPEN_ENDED.SPACY_PIPELINE = str(tmp_path / "no_pipeline")
+    with pytest.raises(OSError, match="no_pipeline.*SPACY_PIPELINE"):
+        build_evaluator(cfg, DATASET, str(tmp_path))
