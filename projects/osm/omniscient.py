@@ -314,13 +314,11 @@ class OmniScient(nn.Module):
             num_beams=1,
             eos_token_id=eos_token_id,
             pad_token_id=eos_token_id if pad_token_id is None else pad_token_id,
-        )
-        output = self.language_model.generate(
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention,
-            generation_config=config,
             return_dict_in_generate=True,
             output_scores=True,
+        )
+        output = self.language_model.generate(
+            inputs_embeds=inputs_embeds, attention_mask=attention, generation_config=config
         )
         return output.sequences[:, -len(output.scores) :], torch.stack(output.scores, dim=1)
 
