@@ -426,6 +426,9 @@ class SAM2Masks(nn.Module):
     @torch.no_grad()
     def forward(self, batched_inputs: List[Dict], topk: int) -> List[Tuple[Tensor, Tensor]]:
         generator = self._generator_cls(self.sam2, **self.settings)
+        # SAM2ImagePredictor assumes 1024-px inputs (stride 4 / 8 / 16 maps); follow IMAGE_SIZE
+        size = self.sam2.image_size
+        generator.predictor._bb_feat_sizes = [(size // s, size // s) for s in (4, 8, 16)]
         result = []
         for x in batched_inputs:
             image = x["image"].permute(1, 2, 0).cpu().numpy()
