@@ -5,6 +5,7 @@ the loss against a hand-written per-token loop, greedy answers, mask sources (gr
 registry proposals, SAM2) and the errors for bad input. Equivalence with the released code:
 tests/test_osm_reference.py."""
 
+import itertools
 import os
 import shutil
 
@@ -314,3 +315,31 @@ def test_sam2_automatic_masks_with_random_weights(base_dir):
     areas = named.pred_masks.flatten(1).sum(1)
     assert (areas[:-1] >= areas[1:]).all()
     assert sorted(areas.tolist(), reverse=True) == sorted((m["area"] for m in found), reverse=True)
+
+
+def test_mixture_sampler_follows_ratios():
+    from openseg.projects.osm.data import MixtureTrainingSampler
+
+    sampler = MixtureTrainingSampler([3, 100, 10], [1.0, 1.0, 2.0], seed=0)
+    indices = list(itertools.islice(iter(sampler), 8000))
+    shares = [sum(lo <= i < hi for i in indices) / len(indices) for lo, hi in ((0, 3), (3, 103), (103, 113))]
+    assert all(abs(s - e) < 0.03 for s, e in zip(shares, (0.25, 0.25, 0.5)))
+    assert set(i for i in indices if i < 3) == {0, 1, 2}
+    assert indices == list(itertools.islice(iter(MixtureTrainingSampler([3, 100, 10], [1.0, 1.0, 2.0], seed=0)), 8000))
+    with pytest.raises(ValueError, match="ratios"):
+        MixtureTrainingSampler([3, 4], [1.0])
+
+
+def test_mixture_loader_tags_records_with_their_dataset(base_dir):
+    from openseg.projects.osm.data import build_mixture_train_loader
+
+    cfg = _cfg(base_dir, "DATASETS.TRAIN", "('openseg_demo_train', 'openseg_demo_ow_train')",
+               "MODEL.OSM.DATASET_RATIOS", "[1.0, 3.0]", "MODEL.OSM.DATASET_MAPPERS", "['panoptic_lsj', 'instance']",
+               "SOLVER.IMS_PER_BATCH", "8")
+    batch = next(iter(build_mixture_train_loader(cfg)))
+    names = [x["dataset_name"] for x in batch]
+    assert len(batch) == 8 and set(names) <= {"openseg_demo_train", "openseg_demo_ow_train"}
+    lsj = [tuple(x["image"].shape[-2:]) for x in batch if x["dataset_name"] == "openseg_demo_train"]
+    assert all(hw == (56, 56) for hw in lsj)  # the LSJ mapper's fixed crop of INPUT.IMAGE_SIZE
+    with pytest.raises(ValueError, match="DATASET_RATIOS"):
+        build_mixture_train_loader(_cfg(base_dir, "MODEL.OSM.DATASET_RATIOS", "[1.0, 2.0]"))

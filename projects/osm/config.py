@@ -55,6 +55,12 @@ def add_osm_config(cfg: CN) -> None:
     osm.SAM2.PRED_IOU_THRESH = 0.95
     osm.SAM2.STABILITY_SCORE_THRESH = 0.95
     osm.SAM2.MIN_MASK_REGION_AREA = 800
+    # training mixture (Sec. 3.3; projects/osm/data.py): sampling ratio of each of
+    # DATASETS.TRAIN ([] = in proportion to their sizes; the paper's per-dataset batch sizes
+    # COCO 32, LVIS 64, A-847 16, PC-459 8, ADE20K 16, Cityscapes 8 as ratios) and the mapper
+    # of each (panoptic / instance / semantic ...; [] = INPUT.DATASET_MAPPER_NAME for all)
+    osm.DATASET_RATIOS = []
+    osm.DATASET_MAPPERS = []
     # OPAL (Benchmarking Open-Ended Segmentation, App. B): see projects/osm/opal.py
     osm.OPAL = CN()
     osm.OPAL.ENABLED = False

@@ -150,6 +150,14 @@ class OSM(nn.Module):
             "input_format": cfg.INPUT.FORMAT,
         }
 
+    @classmethod
+    def build_train_loader(cls, cfg):
+        """DATASETS.TRAIN mixed by MODEL.OSM.DATASET_RATIOS, records tagged with their
+        dataset (used by openseg's Trainer)."""
+        from .data import build_mixture_train_loader
+
+        return build_mixture_train_loader(cfg)
+
     @property
     def device(self) -> torch.device:
         return self.image_mean.device
