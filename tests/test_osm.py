@@ -124,12 +124,12 @@ def test_training_loss_one_mask_per_sample_and_half_agnostic_modes(model, monkey
     captured = {}
     forward = model.model.forward
 
-    def spy(image_embeds, masks, context, modes, q_ids, q_attention, ids, attention, **kwargs):
-        output = forward(image_embeds, masks, context, modes, q_ids, q_attention, ids, attention, **kwargs)
-        captured.update(masks=masks, modes=modes, ids=ids, attention=attention, logits=output.logits)
-        return output
+    def spy(image_embeds, masks, context, modes, q_ids, q_attention, ids, attention):
+        captured.update(masks=masks, modes=modes, ids=ids, attention=attention, q=(q_ids, q_attention))
+        return prefix_inputs(image_embeds, masks, context, modes, q_ids, q_attention, ids, attention)
 
-    monkeypatch.setattr(model.model, "forward", spy)
+    prefix_inputs = model.model.prefix_inputs
+    monkeypatch.setattr(model.model, "prefix_inputs", spy)
     model.train()
     torch.manual_seed(3)
     batch = _inputs(num_images=4)
@@ -141,7 +141,11 @@ def test_training_loss_one_mask_per_sample_and_half_agnostic_modes(model, monkey
     assert all(any(torch.equal(m, g) for g in gts) for m, gts in zip(captured["masks"], gt))
     # hand-written: per-token cross-entropy over the text positions, mean per mode group,
     # then the mean of the two groups (the release's (loss_specific + loss_agnostic) / 2)
-    logits, ids, attention = captured["logits"], captured["ids"], captured["attention"]
+    ids, attention = captured["ids"], captured["attention"]
+    with torch.no_grad():
+        embeds = model.model.encode_image(torch.stack([model.prepare_image(x["image"]) for x in batch]))
+        logits = model.model(embeds, captured["masks"], model.context_masks(captured["masks"]), captured["modes"],
+                             *captured["q"], ids, attention).logits
     prefix = logits.shape[1] - ids.shape[1]
     groups = {}
     for row in range(4):
@@ -343,3 +347,59 @@ def test_mixture_loader_tags_records_with_their_dataset(base_dir):
     assert all(hw == (56, 56) for hw in lsj)  # the LSJ mapper's fixed crop of INPUT.IMAGE_SIZE
     with pytest.raises(ValueError, match="DATASET_RATIOS"):
         build_mixture_train_loader(_cfg(base_dir, "MODEL.OSM.DATASET_RATIOS", "[1.0, 2.0]"))
+
+
+def test_opal_contrastive_loss_hand_computed():
+    """Two masks of one description 'a', one of 'b'; temperature 0.5; unit vectors."""
+    import math
+
+    from openseg.projects.osm.opal import contrastive_alignment_loss
+
+    masks = torch.tensor([[1.0, 0.0], [0.0, 2.0], [3.0, 0.0]])  # normalised: e1, e2, e1
+    texts = torch.tensor([[2.0, 0.0], [0.0, 1.0]])  # e1 ('a'), e2 ('b')
+    targets = torch.tensor([0, 1, 0])
+    # logits = cos / 0.5: rows [2, 0], [0, 2], [2, 0]
+    e2, e0 = math.exp(2), 1.0
+    mask_to_text = -(math.log(e2 / (e2 + e0)) * 3) / 3
+    # text 'a': softmax over masks of column [2, 0, 2] -> positives masks 0 and 2
+    text_a = -math.log((e2 + e2) / (e2 + e0 + e2))
+    # text 'b': column [0, 2, 0] -> positive mask 1
+    text_b = -math.log(e2 / (e0 + e2 + e0))
+    expected = (mask_to_text + (text_a + text_b) / 2) / 2
+    loss = contrastive_alignment_loss(masks, texts, targets, temperature=0.5)
+    assert abs(loss.item() - expected) < 1e-6
+
+
+def test_opal_two_passes_lora_and_gradients_on_both_sides(base_dir, monkeypatch):
+    torch.manual_seed(0)
+    osm = build_model(_cfg(base_dir, "MODEL.OSM.OPAL.ENABLED", "True", "MODEL.OSM.OPAL.LORA_DROPOUT", "0.0"))
+    llm = osm.model.language_model
+    trained_llm = [n for n, p in llm.named_parameters() if p.requires_grad]
+    assert trained_llm and all("lora_" in n for n in trained_llm)
+    calls = []
+    llm.register_forward_pre_hook(lambda m, args, kwargs: calls.append(sorted(k for k in kwargs if kwargs[k] is not None)),
+                                  with_kwargs=True)
+    captured = {}
+    text_embeddings = osm.opal.text_embeddings
+
+    def spy(names):
+        captured["names"] = names
+        captured["text"] = text_embeddings(names)
+        captured["text"].retain_grad()
+        return captured["text"]
+
+    monkeypatch.setattr(osm.opal, "text_embeddings", spy)
+    osm.train()
+    losses = osm(_inputs(num_images=2))
+    assert set(losses) == {"loss_text", "loss_opal"}
+    # pass 1: image + mask prefix as embeddings; pass 2: the description tokens alone
+    assert calls[0] == ["attention_mask", "inputs_embeds"] and "input_ids" in calls[1]
+    sum(losses.values()).backward()
+    assert captured["text"].grad.abs().sum() > 0  # the text side is not detached
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in llm.named_parameters() if "lora_B" in n)
+    assert osm.model.base_model.language_projection.weight.grad.abs().sum() > 0  # the mask side
+    # the text embedding is the last layer's hidden state at the description's last token
+    with torch.no_grad():
+        ids = torch.tensor([osm.tokenizer(captured["names"][0])["input_ids"]])
+        hidden = llm(input_ids=ids, output_hidden_states=True).hidden_states[-1][0, -1]
+    torch.testing.assert_close(captured["text"][0].detach(), hidden)

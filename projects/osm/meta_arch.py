@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from openseg.data.vocab import get_vocabulary
 
 from .omniscient import OmniScient, context_box_mask, load_base_model, load_released_checkpoint
+from .opal import OPAL, add_lora
 from .templates import INSTRUCTION_TEMPLATES, answer_text
 
 __all__ = ["OSM", "build_proposal_model", "parse_dataset_modes"]
@@ -114,13 +115,13 @@ class OSM(nn.Module):
         osm = cfg.MODEL.OSM
         base, tokenizer, qformer_tokenizer, image_processor = load_base_model(osm.BASE_MODEL)
         model = OmniScient(base, osm.INPUT_SIZE, osm.WINDOW_STRIDE or None, osm.MODES)
-        opal = None
-        if osm.OPAL.ENABLED:
-            from .opal import OPAL
-
-            opal = OPAL.from_config(cfg, model)
         if osm.CHECKPOINT:
             load_released_checkpoint(model, osm.CHECKPOINT)
+        opal = None
+        if osm.OPAL.ENABLED:  # LoRA after the released weights, which have none
+            o = osm.OPAL
+            add_lora(model.language_model, o.LORA_RANK, o.LORA_ALPHA, o.LORA_DROPOUT, o.LORA_TARGET_MODULES)
+            opal = OPAL(tokenizer, model.language_model, o.WEIGHT, o.TEMPERATURE)
         dataset_modes = parse_dataset_modes(osm.DATASET_MODES, osm.MODES)
         names = {
             name: [synonyms[0].lower() for synonyms in get_vocabulary(name)]
@@ -163,10 +164,11 @@ class OSM(nn.Module):
         return self.image_mean.device
 
     def train(self, mode: bool = True) -> "OSM":
-        """The frozen parts (ViT, LLM, mask generator) stay in eval mode."""
+        """The frozen parts (ViT, LLM without OPAL's LoRA, mask generator) stay in eval mode."""
         super().train(mode)
         self.model.base_model.vision_model.eval()
-        self.model.language_model.eval()
+        if self.opal is None:
+            self.model.language_model.eval()
         if isinstance(self.mask_generator, nn.Module):
             self.mask_generator.eval()
         return self
@@ -291,16 +293,16 @@ class OSM(nn.Module):
         ids, attention, labels = self.training_text(prompts, names)
         image_embeds = self.model.encode_image(torch.stack(images))
         mode_ids = self.model.mode_indices(modes, self.device)
-        output = self.model(
-            image_embeds, masks, self.context_masks(masks), mode_ids, q_ids, q_attention, ids, attention,
-            output_hidden_states=self.opal is not None,
+        inputs_embeds, llm_attention = self.model.prefix_inputs(
+            image_embeds, masks, self.context_masks(masks), mode_ids, q_ids, q_attention, ids, attention
         )
+        logits = self.model.language_model(inputs_embeds=inputs_embeds, attention_mask=llm_attention).logits
         # the release averages the losses of the specific and the agnostic half
         groups = [mode_ids == m for m in mode_ids.unique()]
-        loss = sum(self.model.text_loss(output.logits[g], labels[g]) for g in groups) / len(groups)
+        loss = sum(self.model.text_loss(logits[g], labels[g]) for g in groups) / len(groups)
         losses = {"loss_text": loss}
-        if self.opal is not None:
-            losses.update(self.opal.losses(output, labels.shape[1], names))
+        if self.opal is not None:  # the projected mask-query outputs = the mask embedding
+            losses.update(self.opal.losses(inputs_embeds[:, : self.model.mask_query.shape[1]], names))
         return losses
 
     # ------------------------------------------------------------------ inference

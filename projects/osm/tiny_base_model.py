@@ -53,7 +53,8 @@ def write_tiny_base_model(path: str, class_names: Sequence[str] = (), seed: int 
                            image_size=vision_size, patch_size=14),
         qformer_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                             cross_attention_frequency=1, encoder_hidden_size=32, vocab_size=len(qformer_tokenizer),
-                            max_position_embeddings=64, pad_token_id=qformer_tokenizer.pad_token_id),
+                            max_position_embeddings=64, pad_token_id=qformer_tokenizer.pad_token_id,
+                            hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0),  # deterministic tests
         text_config=dict(model_type="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=2, num_key_value_heads=2, vocab_size=len(llm_tokenizer),
                          max_position_embeddings=256, bos_token_id=llm_tokenizer.bos_token_id,
