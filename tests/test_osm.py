@@ -36,7 +36,7 @@ def _cfg(base_dir, *overrides):
 @pytest.fixture(scope="module")
 def model(base_dir):
     torch.manual_seed(0)
-    return build_model(_cfg(base_dir))
+    return build_model(_cfg(base_dir)).eval()
 
 
 def _inputs(num_images=2, height=40, width=56, with_instances=True):
@@ -133,8 +133,10 @@ def test_training_loss_one_mask_per_sample_and_half_agnostic_modes(model, monkey
     model.train()
     torch.manual_seed(3)
     batch = _inputs(num_images=4)
-    loss = model(batch)["loss_text"]
-    model.eval()
+    try:
+        loss = model(batch)["loss_text"]
+    finally:
+        model.eval()
     assert captured["masks"].shape == (4, 56, 56)  # one mask per image
     assert [model.model.modes[i] for i in captured["modes"].tolist()] == ["coco", "coco", "any", "any"]
     gt = [model.prepare_masks(x["instances"].gt_masks) for x in batch]
@@ -337,12 +339,12 @@ def test_mixture_sampler_follows_ratios():
 def test_mixture_loader_tags_records_with_their_dataset(base_dir):
     from openseg.projects.osm.data import build_mixture_train_loader
 
-    cfg = _cfg(base_dir, "DATASETS.TRAIN", "('openseg_demo_train', 'openseg_demo_ow_train')",
-               "MODEL.OSM.DATASET_RATIOS", "[1.0, 3.0]", "MODEL.OSM.DATASET_MAPPERS", "['panoptic_lsj', 'instance']",
+    cfg = _cfg(base_dir, "DATASETS.TRAIN", "('openseg_demo_train', 'openseg_demo_val')",
+               "MODEL.OSM.DATASET_RATIOS", "[1.0, 3.0]", "MODEL.OSM.DATASET_MAPPERS", "['panoptic_lsj', 'panoptic']",
                "SOLVER.IMS_PER_BATCH", "8")
     batch = next(iter(build_mixture_train_loader(cfg)))
     names = [x["dataset_name"] for x in batch]
-    assert len(batch) == 8 and set(names) <= {"openseg_demo_train", "openseg_demo_ow_train"}
+    assert len(batch) == 8 and set(names) <= {"openseg_demo_train", "openseg_demo_val"}
     lsj = [tuple(x["image"].shape[-2:]) for x in batch if x["dataset_name"] == "openseg_demo_train"]
     assert all(hw == (56, 56) for hw in lsj)  # the LSJ mapper's fixed crop of INPUT.IMAGE_SIZE
     with pytest.raises(ValueError, match="DATASET_RATIOS"):
