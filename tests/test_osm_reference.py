@@ -41,10 +41,11 @@ def test_logits_tokens_and_loss_match_release(stride, tmp_path):
         with torch.no_grad():
             logits = model(embeds, masks, context, modes, *common, case["input_ids"], case["attention"]).logits
         torch.testing.assert_close(logits, case[f"logits_{mode}"], atol=1e-5, rtol=0)
-    tokens, scores = model.generate(
+    inputs_embeds, attention = model.prefix_inputs(
         embeds, masks, context, model.mode_indices(["any"] * 2, embeds.device), *common,
-        case["input_ids"], case["attention"], max_new_tokens=5, eos_token_id=2, pad_token_id=0,
+        case["input_ids"], case["attention"],
     )
+    tokens, scores = model.generate(inputs_embeds, attention, max_new_tokens=5, eos_token_id=2, pad_token_id=0)
     assert torch.equal(tokens, case["generated"])
     torch.testing.assert_close(scores, case["scores"], atol=1e-5, rtol=0)
     model.train()

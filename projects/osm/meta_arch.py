@@ -26,7 +26,9 @@ from torch import Tensor, nn
 
 from openseg.data.vocab import get_vocabulary
 
-from .omniscient import OmniScient, context_box_mask, load_base_model, load_released_checkpoint
+from .omniscient import (
+    OmniScient, context_box_mask, load_base_model, load_released_checkpoint, tokenize_padded,
+)
 from .opal import OPAL, add_lora
 from .templates import INSTRUCTION_TEMPLATES, answer_text
 
@@ -211,19 +213,7 @@ class OSM(nn.Module):
 
     # ------------------------------------------------------------------ text
     def _tokenize(self, tokenizer, texts: List[str], max_length: Optional[int] = None) -> Tuple[Tensor, Tensor]:
-        """Right-padded ids + attention mask (special tokens added, as the release's
-        InstructBlipProcessor)."""
-        encoded = [
-            tokenizer(t, truncation=max_length is not None, max_length=max_length)["input_ids"] for t in texts
-        ]
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        length = max(len(e) for e in encoded)
-        ids = torch.full((len(texts), length), pad, dtype=torch.long)
-        attention = torch.zeros((len(texts), length), dtype=torch.long)
-        for row, e in enumerate(encoded):
-            ids[row, : len(e)] = torch.tensor(e, dtype=torch.long)
-            attention[row, : len(e)] = 1
-        return ids.to(self.device), attention.to(self.device)
+        return tokenize_padded(tokenizer, texts, self.device, max_length)
 
     def training_text(self, prompts: List[str], names: List[str]) -> Tuple[Tensor, Tensor, Tensor]:
         """LLM ids, attention and labels of "<template> <class></s>": every token but the
@@ -346,13 +336,15 @@ class OSM(nn.Module):
         texts, confidence = [], []
         for chunk in masks.split(self.test_masks_per_batch):
             count = chunk.shape[0]
-            tokens, scores = self.model.generate(
+            inputs_embeds, llm_attention = self.model.prefix_inputs(
                 image_embeds.expand(count, -1, -1), chunk, self.context_masks(chunk),
                 self.model.mode_indices([self.test_mode] * count, self.device),
                 q_ids.expand(count, -1), q_attention.expand(count, -1),
                 ids.expand(count, -1), attention.expand(count, -1),
-                max_new_tokens=self.max_new_tokens, eos_token_id=self.tokenizer.eos_token_id,
-                pad_token_id=self.tokenizer.pad_token_id,
+            )
+            tokens, scores = self.model.generate(
+                inputs_embeds, llm_attention, self.max_new_tokens, self.tokenizer.eos_token_id,
+                self.tokenizer.pad_token_id,
             )
             chunk_texts, chunk_confidence = self.decode(tokens, scores)
             texts += chunk_texts

@@ -37,6 +37,7 @@ __all__ = [
     "context_box_mask",
     "load_base_model",
     "load_released_checkpoint",
+    "tokenize_padded",
     "window_starts",
 ]
 
@@ -247,34 +248,21 @@ class OmniScient(nn.Module):
         qformer_input_ids: Tensor,
         qformer_attention_mask: Optional[Tensor],
         input_ids: Tensor,
-        attention_mask: Optional[Tensor],
+        attention_mask: Optional[Tensor] = None,
     ) -> Tuple[Tensor, Tensor]:
+        """LLM inputs_embeds + attention for pixel masks / context masks [B, S, S], mode
+        indices [B], the instruction's Q-Former tokens and the LLM text tokens."""
         mask_tokens, context_tokens = self.token_masks(masks, context_masks)
         outputs = self.maskq_former(
             image_embeds, mask_tokens, context_tokens, modes, qformer_input_ids, qformer_attention_mask
         )
         return self.llm_inputs(outputs, modes, input_ids, attention_mask)
 
-    def forward(
-        self,
-        image_embeds: Tensor,
-        masks: Tensor,
-        context_masks: Tensor,
-        modes: Tensor,
-        qformer_input_ids: Tensor,
-        qformer_attention_mask: Optional[Tensor],
-        input_ids: Tensor,
-        attention_mask: Optional[Tensor] = None,
-        output_hidden_states: bool = False,
-    ):
-        """The LLM's output (logits over prefix + text) for one mask per row."""
-        inputs_embeds, attention = self.prefix_inputs(
-            image_embeds, masks, context_masks, modes, qformer_input_ids, qformer_attention_mask,
-            input_ids, attention_mask,
-        )
-        return self.language_model(
-            inputs_embeds=inputs_embeds, attention_mask=attention, output_hidden_states=output_hidden_states
-        )
+    def forward(self, *inputs: Optional[Tensor]):
+        """The LLM's output (logits over prefix + text), one mask per row; `inputs` are
+        those of `prefix_inputs`."""
+        inputs_embeds, attention = self.prefix_inputs(*inputs)
+        return self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention)
 
     @staticmethod
     def text_loss(logits: Tensor, labels: Tensor) -> Tensor:
@@ -288,26 +276,16 @@ class OmniScient(nn.Module):
     @torch.no_grad()
     def generate(
         self,
-        image_embeds: Tensor,
-        masks: Tensor,
-        context_masks: Tensor,
-        modes: Tensor,
-        qformer_input_ids: Tensor,
-        qformer_attention_mask: Optional[Tensor],
-        input_ids: Tensor,
-        attention_mask: Optional[Tensor],
+        inputs_embeds: Tensor,
+        attention: Tensor,
         max_new_tokens: int,
         eos_token_id: int,
         pad_token_id: Optional[int],
     ) -> Tuple[Tensor, Tensor]:
-        """Greedy decoding (Sec. 3.3, "greedy search decoding for testing"). Returns the new
-        tokens [B, T] and the per-step logits [B, T, V]."""
+        """Greedy decoding (Sec. 3.3, "greedy search decoding for testing") after the LLM
+        inputs of `prefix_inputs`. Returns the new tokens [B, T] and per-step logits [B, T, V]."""
         from transformers import GenerationConfig
 
-        inputs_embeds, attention = self.prefix_inputs(
-            image_embeds, masks, context_masks, modes, qformer_input_ids, qformer_attention_mask,
-            input_ids, attention_mask,
-        )
         config = GenerationConfig(
             max_new_tokens=max_new_tokens,
             do_sample=False,
@@ -321,6 +299,21 @@ class OmniScient(nn.Module):
             inputs_embeds=inputs_embeds, attention_mask=attention, generation_config=config
         )
         return output.sequences[:, -len(output.scores) :], torch.stack(output.scores, dim=1)
+
+
+def tokenize_padded(tokenizer, texts: Sequence[str], device: torch.device,
+                    max_length: Optional[int] = None) -> Tuple[Tensor, Tensor]:
+    """Right-padded ids + attention mask [len(texts), longest] (the tokenizer's special
+    tokens added, as the release's InstructBlipProcessor does)."""
+    encoded = [tokenizer(t, truncation=max_length is not None, max_length=max_length)["input_ids"] for t in texts]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    length = max(len(e) for e in encoded)
+    ids = torch.full((len(texts), length), pad, dtype=torch.long)
+    attention = torch.zeros((len(texts), length), dtype=torch.long)
+    for row, e in enumerate(encoded):
+        ids[row, : len(e)] = torch.tensor(e, dtype=torch.long)
+        attention[row, : len(e)] = 1
+    return ids.to(device), attention.to(device)
 
 
 # ---------------------------------------------------------------------- loading

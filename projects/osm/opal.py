@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .omniscient import tokenize_padded
+
 __all__ = ["OPAL", "add_lora", "contrastive_alignment_loss"]
 
 
@@ -64,17 +66,10 @@ class OPAL:
     def text_embeddings(self, descriptions: List[str]) -> Tensor:
         """The second forward pass: the LLM prompted with each description alone; the last
         layer's hidden state at its last token [U, D] (with gradients)."""
-        encoded = [self.tokenizer(d)["input_ids"] for d in descriptions]
-        length = max(len(e) for e in encoded)
         device = self.language_model.get_input_embeddings().weight.device
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        ids = torch.full((len(encoded), length), pad, dtype=torch.long, device=device)
-        attention = torch.zeros_like(ids)
-        for row, e in enumerate(encoded):
-            ids[row, : len(e)] = torch.tensor(e, device=device)
-            attention[row, : len(e)] = 1
+        ids, attention = tokenize_padded(self.tokenizer, descriptions, device)
         hidden = self.language_model(input_ids=ids, attention_mask=attention, output_hidden_states=True).hidden_states[-1]
-        return hidden[torch.arange(len(encoded), device=device), attention.sum(1) - 1]
+        return hidden[torch.arange(len(descriptions), device=device), attention.sum(1) - 1]
 
     def losses(self, mask_embeds: Tensor, descriptions: List[str]) -> Dict[str, Tensor]:
         """mask_embeds [M, Q, D] (projected mask-query outputs), one description per mask."""
