@@ -11,12 +11,11 @@ import shutil
 
 import pytest
 import torch
-import torch.nn.functional as F
 from detectron2.modeling import build_model
 from detectron2.structures import Instances
 
 from openseg.config import load_config
-from openseg.projects.osm import INSTRUCTION_TEMPLATES, OSM, load_released_checkpoint
+from openseg.projects.osm import INSTRUCTION_TEMPLATES, load_released_checkpoint
 from openseg.projects.osm.omniscient import window_starts
 from openseg.projects.osm.tiny_base_model import CLIP_MEAN, CLIP_STD, write_tiny_base_model
 

@@ -78,7 +78,7 @@ def _release_checkpoint(model) -> dict:
     return {"epoch": 0, "model_state_dict": {"module." + k: v.clone() for k, v in state.items()}}
 
 
-def _masks(batch: int, size: int, generator) -> torch.Tensor:
+def _masks(batch: int, size: int) -> torch.Tensor:
     masks = torch.zeros(batch, 1, size, size)
     masks[0, 0, 9:30, 5:21] = 1
     masks[0, 0, 20:26, 18:40] = 1
@@ -137,7 +137,7 @@ def generate(reference_root: Path, out_dir: Path) -> None:
         generator = torch.Generator().manual_seed(SEED + 1)
         batch = 2
         pixel_values = torch.randn(batch, 3, input_size, input_size, generator=generator)
-        masks = _masks(batch, input_size, generator)
+        masks = _masks(batch, input_size)
         context = torch.stack([get_context_mask(m.view(1, input_size, input_size), input_size, 0.5) for m in masks])
         context_global = torch.stack([get_context_mask(m.view(1, input_size, input_size), input_size, -1.0) for m in masks])
         qformer_ids = torch.randint(1, 40, (batch, 6), generator=generator)
