@@ -58,7 +58,8 @@ def write_tiny_base_model(path: str, class_names: Sequence[str] = (), seed: int 
         text_config=dict(model_type="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=2, num_key_value_heads=2, vocab_size=len(llm_tokenizer),
                          max_position_embeddings=256, bos_token_id=llm_tokenizer.bos_token_id,
-                         eos_token_id=llm_tokenizer.eos_token_id, pad_token_id=llm_tokenizer.pad_token_id),
+                         eos_token_id=llm_tokenizer.eos_token_id, pad_token_id=llm_tokenizer.pad_token_id,
+                         initializer_range=0.5),  # confident logits, so a prefix can steer them
         num_query_tokens=num_query_tokens,
     )
     torch.manual_seed(seed)
