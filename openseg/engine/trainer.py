@@ -7,6 +7,7 @@ from typing import Optional
 from detectron2.data import build_detection_test_loader, build_detection_train_loader
 from detectron2.engine import DefaultTrainer
 from detectron2.evaluation import DatasetEvaluators
+from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.utils import comm
 
 from ..data.mappers import build_mapper
@@ -22,6 +23,10 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_train_loader(cls, cfg):
+        # a meta-architecture may bring its own training loader (e.g. OSM's dataset mixture)
+        meta_arch = META_ARCH_REGISTRY.get(cfg.MODEL.META_ARCHITECTURE)
+        if hasattr(meta_arch, "build_train_loader"):
+            return meta_arch.build_train_loader(cfg)
         return build_detection_train_loader(cfg, mapper=build_mapper(cfg, is_train=True))
 
     @classmethod

@@ -1,16 +1,19 @@
-"""OSM: open-ended mask recognition with a frozen LLM (Yang et al., "Open-ended Semantic
-Segmentation with MLLMs"). Importing registers the `OSM` meta-architecture."""
+"""OSM, the OmniScient Model (Yu, Shen and Chen, "Towards Open-Ended Visual Recognition with
+Large Language Model", ECCV 2024), on transformers' InstructBLIP, plus OPAL (App. B of
+"Benchmarking Open-Ended Segmentation"). Importing registers the `OSM` meta-architecture."""
 
 from .config import add_osm_config
 from .meta_arch import OSM
-from .maskq_former import MaskQFormer, context_region, mask_region
+from .omniscient import RELEASE_MODES, OmniScient, context_box_mask, load_base_model, load_released_checkpoint
 from .templates import INSTRUCTION_TEMPLATES
 
 __all__ = [
     "INSTRUCTION_TEMPLATES",
-    "MaskQFormer",
     "OSM",
+    "OmniScient",
+    "RELEASE_MODES",
     "add_osm_config",
-    "context_region",
-    "mask_region",
+    "context_box_mask",
+    "load_base_model",
+    "load_released_checkpoint",
 ]

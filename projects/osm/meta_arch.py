@@ -1,15 +1,14 @@
-"""OSM meta-architecture (Yang et al., "Open-ended Semantic Segmentation with MLLMs", Sec. 3):
-names every mask of an image with free text.
+"""The OSM meta-architecture (Yu, Shen and Chen, "Towards Open-Ended Visual Recognition with
+Large Language Model", ECCV 2024): names every mask of an image with free text.
 
-frozen CLIP ViT in sliding windows at high resolution (+ learned global window position
-embedding) -> MaskQ-Former (mask / context / mode queries) -> mask-query embeddings as a prefix
-inside an instruction to a frozen causal LLM -> next-token loss on the class name (training) or
-greedy decoding (testing). An optional OPAL-style contrastive loss pulls each mask embedding
-towards the LLM's last-token embedding of its class name.
-
-Masks come from the ground truth (inputs' `instances`) or from a class-agnostic meta-arch in
-the registry (cfg.MODEL.OSM.PROPOSAL_CONFIG + PROPOSAL_WEIGHTS). Outputs per image:
-`instances` with `pred_masks`, `scores` and `pred_texts`.
+Training (Sec. 3.3 "Training Protocols"): each image contributes one ground-truth mask chosen
+at random, one of the Table 4 templates chosen at random with the class name appended, and a
+next-token loss. Half of each batch uses the dataset's vocabulary-specific mode query, the
+other half the vocabulary-agnostic one (as the release: the first half specific).
+Testing: the first template, greedy decoding (Sec. 3.3), on ground-truth masks (Sec. 4.1) or
+on masks of a class-agnostic segmenter (Sec. 4.2: a registry meta-architecture, or SAM2's
+automatic mask generator). Outputs per image: `instances` with `pred_masks`, `scores`,
+`pred_texts`. The model itself is `omniscient.OmniScient`.
 """
 
 import logging
@@ -21,67 +20,35 @@ import torch
 import torch.nn.functional as F
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import configurable
-from detectron2.data import MetadataCatalog
-from detectron2.modeling import META_ARCH_REGISTRY, build_backbone, build_model
+from detectron2.modeling import META_ARCH_REGISTRY, build_model
 from detectron2.structures import Instances
 from torch import Tensor, nn
 
 from openseg.data.vocab import get_vocabulary
-from openseg.modeling.backbones.clip import OpenCLIPViTBackbone
 
-from .maskq_former import MaskQFormer
-from .templates import INSTRUCTION_TEMPLATES, split_template
+from .omniscient import (
+    OmniScient, context_box_mask, load_base_model, load_released_checkpoint, tokenize_padded,
+)
+from .opal import OPAL, add_lora
+from .templates import INSTRUCTION_TEMPLATES, answer_text
 
-__all__ = ["OSM", "SlidingWindowCLIP", "load_local_llm"]
+__all__ = ["OSM", "build_proposal_model", "parse_dataset_modes"]
 
 logger = logging.getLogger(__name__)
 
 
-def load_local_llm(path: str):
-    """(frozen causal LM, tokenizer) from a local Hugging Face directory; never a hub name."""
-    if not path or not os.path.isdir(path):
-        raise FileNotFoundError(
-            f"cfg.MODEL.OSM.LLM_PATH='{path}' is not a local directory; point it to a Hugging Face "
-            "causal-LM folder (config, weights and tokenizer). Nothing is downloaded."
-        )
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    return model, tokenizer
-
-
-class SlidingWindowCLIP(nn.Module):
-    """Frozen CLIP ViT applied to WINDOW x WINDOW tiles of an IMAGE x IMAGE input (each tile at
-    CLIP's native resolution), the patch tokens reassembled into one map, plus a learned
-    embedding per window position so the tokens know where their window is (OSM Sec. 3.1)."""
-
-    def __init__(self, clip: OpenCLIPViTBackbone, image_size: int, window_size: int):
-        super().__init__()
-        if not isinstance(clip, OpenCLIPViTBackbone):
-            raise ValueError("OSM needs a CLIP ViT backbone (cfg.MODEL.CLIP.MODEL_NAME of a ViT).")
-        if image_size % window_size:
+def parse_dataset_modes(entries: Sequence[str], modes: Sequence[str]) -> Dict[str, str]:
+    """cfg.MODEL.OSM.DATASET_MODES ("dataset_name:mode" strings) -> {dataset: mode}."""
+    result = {}
+    for entry in entries:
+        dataset, sep, mode = entry.rpartition(":")
+        if not sep or mode not in modes:
             raise ValueError(
-                f"cfg.MODEL.OSM.IMAGE_SIZE={image_size} must be a multiple of WINDOW_SIZE={window_size}."
+                f"cfg.MODEL.OSM.DATASET_MODES entry {entry!r} must be 'dataset_name:mode' with a "
+                f"mode of MODEL.OSM.MODES {list(modes)}."
             )
-        self.clip = clip
-        self.image_size, self.window_size = image_size, window_size
-        self.windows_per_side = image_size // window_size
-        self.width = clip.clip_model.visual.transformer.width
-        self.window_pos = nn.Parameter(torch.zeros(self.windows_per_side**2, self.width))
-        nn.init.normal_(self.window_pos, std=0.02)
-
-    def forward(self, images: Tensor) -> Tensor:
-        """images [B, 3, IMAGE, IMAGE] (CLIP-normalised) -> features [B, width, g*h, g*w]."""
-        batch, g, w = images.shape[0], self.windows_per_side, self.window_size
-        tiles = images.unfold(2, w, w).unfold(3, w, w)  # [B, 3, g, g, w, w]
-        tiles = tiles.permute(0, 2, 3, 1, 4, 5).reshape(batch * g * g, 3, w, w)
-        with torch.no_grad():
-            _, tokens, grid = self.clip.vit_tokens(tiles)
-        tokens = tokens[:, 1:].reshape(batch, g * g, grid[0] * grid[1], self.width)
-        tokens = tokens + self.window_pos[None, :, None, :]
-        tokens = tokens.reshape(batch, g, g, grid[0], grid[1], self.width)
-        return tokens.permute(0, 5, 1, 3, 2, 4).reshape(batch, self.width, g * grid[0], g * grid[1])
+        result[dataset] = mode
+    return result
 
 
 @META_ARCH_REGISTRY.register()
@@ -92,164 +59,182 @@ class OSM(nn.Module):
     def __init__(
         self,
         *,
-        encoder: SlidingWindowCLIP,
-        maskq_former: MaskQFormer,
-        llm: nn.Module,
+        model: OmniScient,
         tokenizer,
+        qformer_tokenizer,
+        image_mean: Sequence[float],
+        image_std: Sequence[float],
         class_names: Dict[str, List[str]],
+        dataset_modes: Dict[str, str],
         training_datasets: Sequence[str],
-        mode_of_dataset: Dict[str, int],
-        agnostic_mode: int,
-        test_mode: int,
-        pixel_mean: Sequence[float],
-        pixel_std: Sequence[float],
-        max_masks_per_image: int = 32,
-        max_new_tokens: int = 8,
-        contrastive_weight: float = 0.0,
-        contrastive_temperature: float = 0.07,
-        proposal_model: Optional[nn.Module] = None,
-        proposal_topk: int = 50,
-        agnostic_mode_prob: float = 0.5,
+        agnostic_mode: str = "any",
+        test_mode: str = "any",
         templates: Sequence[str] = tuple(INSTRUCTION_TEMPLATES),
+        test_template: int = 0,
+        context_ratio: float = 0.5,
+        max_text_tokens: int = 32,
+        max_new_tokens: int = 12,
+        min_train_mask_area: int = 100,
+        test_masks_per_batch: int = 16,
+        mask_generator=None,
+        proposal_topk: int = 50,
+        opal=None,
         input_format: str = "RGB",
     ):
         super().__init__()
         if input_format not in ("RGB", "BGR"):
-            raise ValueError(
-                f"OSM: cfg.INPUT.FORMAT='{input_format}' must be RGB or BGR (CLIP reads RGB)."
-            )
-        self.input_format = input_format
-        self.encoder = encoder
-        self.maskq_former = maskq_former
-        self.llm = llm
-        for parameter in self.llm.parameters():
-            parameter.requires_grad_(False)
-        self.tokenizer = tokenizer
+            raise ValueError(f"OSM: cfg.INPUT.FORMAT={input_format!r} must be RGB or BGR.")
         if tokenizer.eos_token_id is None:
-            raise ValueError("OSM: the LLM tokenizer has no eos token; generation could not stop.")
+            raise ValueError("OSM: the LLM tokenizer of MODEL.OSM.BASE_MODEL has no eos token.")
+        for mode in {agnostic_mode, test_mode, *dataset_modes.values()}:
+            model.mode_indices([mode], torch.device("cpu"))  # fails naming an unknown mode
+        if not 0 <= test_template < len(templates):
+            raise ValueError(f"cfg.MODEL.OSM.TEST_TEMPLATE={test_template} is not an index of the templates.")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.qformer_tokenizer = qformer_tokenizer
         self.class_names = class_names
+        self.dataset_modes = dataset_modes
         self.training_datasets = list(training_datasets)
-        self.mode_of_dataset = mode_of_dataset
         self.agnostic_mode = agnostic_mode
-        self.agnostic_mode_prob = agnostic_mode_prob
         self.test_mode = test_mode
-        self.max_masks_per_image = max_masks_per_image
+        self.templates = list(templates)
+        self.test_template = test_template
+        self.context_ratio = context_ratio
+        self.max_text_tokens = max_text_tokens
         self.max_new_tokens = max_new_tokens
-        self.contrastive_weight = contrastive_weight
-        self.contrastive_temperature = contrastive_temperature
-        llm_dim = self.llm.get_input_embeddings().embedding_dim
-        self.contrastive_proj = nn.Linear(llm_dim, llm_dim) if contrastive_weight > 0 else None
-        self.proposal_model = proposal_model
+        self.min_train_mask_area = min_train_mask_area
+        self.test_masks_per_batch = test_masks_per_batch
+        self.mask_generator = mask_generator
         self.proposal_topk = proposal_topk
-        self.templates = [split_template(t) for t in templates]
-        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
-        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
+        self.opal = opal
+        self.input_format = input_format
+        self.register_buffer("image_mean", torch.tensor(image_mean).view(-1, 1, 1), False)
+        self.register_buffer("image_std", torch.tensor(image_std).view(-1, 1, 1), False)
 
     @classmethod
     def from_config(cls, cfg) -> Dict:
         osm = cfg.MODEL.OSM
-        clip = build_backbone(cfg)
-        llm, tokenizer = load_local_llm(osm.LLM_PATH)
-        train_sets = list(cfg.DATASETS.TRAIN)
-        mode_of_dataset = (
-            {name: i for i, name in enumerate(train_sets)} if osm.VOCABULARY_SPECIFIC else {}
-        )
-        agnostic = len(mode_of_dataset)
-        if osm.TEST_MODE and osm.TEST_MODE not in mode_of_dataset:
-            raise ValueError(
-                f"cfg.MODEL.OSM.TEST_MODE='{osm.TEST_MODE}' is not a training dataset with its own "
-                f"mode query ({sorted(mode_of_dataset)}); use '' for the vocabulary-agnostic one."
-            )
+        base, tokenizer, qformer_tokenizer, image_processor = load_base_model(osm.BASE_MODEL)
+        model = OmniScient(base, osm.INPUT_SIZE, osm.WINDOW_STRIDE or None, osm.MODES)
+        if osm.CHECKPOINT:
+            load_released_checkpoint(model, osm.CHECKPOINT)
+        opal = None
+        if osm.OPAL.ENABLED:  # LoRA after the released weights, which have none
+            o = osm.OPAL
+            add_lora(model.language_model, o.LORA_RANK, o.LORA_ALPHA, o.LORA_DROPOUT, o.LORA_TARGET_MODULES)
+            opal = OPAL(tokenizer, model.language_model, o.WEIGHT, o.TEMPERATURE)
+        dataset_modes = parse_dataset_modes(osm.DATASET_MODES, osm.MODES)
         names = {
-            name: [synonyms[0] for synonyms in get_vocabulary(name)]
-            for name in list(train_sets) + list(cfg.DATASETS.TEST)
+            name: [synonyms[0].lower() for synonyms in get_vocabulary(name)]
+            for name in list(cfg.DATASETS.TRAIN)
         }
-        proposal_model = None
-        if osm.MASK_SOURCE == "proposals":
-            proposal_model = build_proposal_model(
-                osm.PROPOSAL_CONFIG, osm.PROPOSAL_WEIGHTS, cfg.MODEL.DEVICE
-            )
-        elif osm.MASK_SOURCE != "ground_truth":
-            raise ValueError(
-                f"cfg.MODEL.OSM.MASK_SOURCE='{osm.MASK_SOURCE}': use 'ground_truth' or 'proposals'."
-            )
-        encoder = SlidingWindowCLIP(clip, osm.IMAGE_SIZE, osm.WINDOW_SIZE)
-        maskq_former = MaskQFormer(
-            feature_dim=encoder.width,
-            dim=osm.HIDDEN_DIM,
-            out_dim=llm.get_input_embeddings().embedding_dim,
-            num_layers=osm.NUM_LAYERS,
-            num_heads=osm.NUM_HEADS,
-            dim_feedforward=osm.DIM_FEEDFORWARD,
-            num_mask_queries=osm.NUM_MASK_QUERIES,
-            num_context_queries=osm.NUM_CONTEXT_QUERIES,
-            num_modes=agnostic + 1,
-            context_ratio=osm.CONTEXT_RATIO,
-        )
         return {
-            "encoder": encoder,
-            "maskq_former": maskq_former,
-            "llm": llm,
+            "model": model,
             "tokenizer": tokenizer,
+            "qformer_tokenizer": qformer_tokenizer,
+            "image_mean": image_processor["image_mean"],
+            "image_std": image_processor["image_std"],
             "class_names": names,
-            "training_datasets": train_sets,
-            "mode_of_dataset": mode_of_dataset,
-            "agnostic_mode": agnostic,
-            "agnostic_mode_prob": osm.AGNOSTIC_MODE_PROB if mode_of_dataset else 1.0,
-            "test_mode": mode_of_dataset.get(osm.TEST_MODE, agnostic),
-            "pixel_mean": clip.pixel_mean,
-            "pixel_std": clip.pixel_std,
-            "max_masks_per_image": osm.MAX_MASKS_PER_IMAGE,
-            "max_new_tokens": osm.MAX_NEW_TOKENS,
-            "contrastive_weight": osm.CONTRASTIVE_WEIGHT,
-            "contrastive_temperature": osm.CONTRASTIVE_TEMPERATURE,
-            "proposal_model": proposal_model,
-            "proposal_topk": osm.PROPOSAL_TOPK,
-            "input_format": cfg.INPUT.FORMAT,
+            "dataset_modes": dataset_modes,
+            "training_datasets": list(cfg.DATASETS.TRAIN),
+            "agnostic_mode": osm.AGNOSTIC_MODE,
+            "test_mode": osm.TEST_MODE,
             "templates": tuple(osm.INSTRUCTION_TEMPLATES) or tuple(INSTRUCTION_TEMPLATES),
+            "test_template": osm.TEST_TEMPLATE,
+            "context_ratio": osm.CONTEXT_RATIO,
+            "max_text_tokens": osm.MAX_TEXT_TOKENS,
+            "max_new_tokens": osm.MAX_NEW_TOKENS,
+            "min_train_mask_area": osm.MIN_TRAIN_MASK_AREA,
+            "test_masks_per_batch": osm.TEST_MASKS_PER_BATCH,
+            "mask_generator": build_mask_generator(cfg),
+            "proposal_topk": osm.PROPOSAL_TOPK,
+            "opal": opal,
+            "input_format": cfg.INPUT.FORMAT,
         }
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        """DATASETS.TRAIN mixed by MODEL.OSM.DATASET_RATIOS, records tagged with their
+        dataset (used by openseg's Trainer)."""
+        from .data import build_mixture_train_loader
+
+        return build_mixture_train_loader(cfg)
 
     @property
     def device(self) -> torch.device:
-        return self.pixel_mean.device
+        return self.image_mean.device
 
     def train(self, mode: bool = True) -> "OSM":
-        """The LLM (and proposal model) stay in eval mode: they are frozen."""
+        """The frozen parts (ViT, LLM without OPAL's LoRA, mask generator) stay in eval mode."""
         super().train(mode)
-        self.llm.eval()
-        if self.proposal_model is not None:
-            self.proposal_model.eval()
+        self.model.base_model.vision_model.eval()
+        if self.opal is None:
+            self.model.language_model.eval()
+        if isinstance(self.mask_generator, nn.Module):
+            self.mask_generator.eval()
         return self
 
     # ------------------------------------------------------------------ images and masks
-    def _scale(self, height: int, width: int) -> float:
-        return self.encoder.image_size / max(height, width)
+    def _resized_hw(self, height: int, width: int) -> Tuple[int, int]:
+        """The longer side to INPUT_SIZE, the shorter scaled and floored (the release's
+        `resize(size=S - 1, max_size=S)`)."""
+        size = self.model.input_size
+        if height == width:
+            return size, size
+        if height > width:
+            return size, int(size * width / height)
+        return int(size * height / width), size
 
     def prepare_image(self, image: Tensor) -> Tensor:
-        """uint8 [3, H, W] in cfg.INPUT.FORMAT -> CLIP-normalised RGB [3, IMAGE, IMAGE]: longer
-        side resized, zero-padded."""
-        size = self.encoder.image_size
-        scale = self._scale(*image.shape[-2:])
-        new_size = (round(image.shape[-2] * scale), round(image.shape[-1] * scale))
+        """uint8 [3, H, W] in cfg.INPUT.FORMAT -> normalised RGB [3, S, S]: longer side
+        resized to S (bicubic, as the release), zero-padded bottom / right, then
+        normalised with the base model's image-processor mean / std."""
+        size = self.model.input_size
         image = image.to(self.device).float()
         if self.input_format == "BGR":
             image = image.flip(0)
-        image = (image - self.pixel_mean) / self.pixel_std
-        image = F.interpolate(image[None], size=new_size, mode="bilinear", align_corners=False)[0]
-        return F.pad(image, (0, size - new_size[1], 0, size - new_size[0]))
+        new_hw = self._resized_hw(*image.shape[-2:])
+        if tuple(image.shape[-2:]) != new_hw:
+            image = F.interpolate(image[None], size=new_hw, mode="bicubic", align_corners=False, antialias=True)[0]
+            image = image.clamp(0, 255).round()
+        image = F.pad(image, (0, size - new_hw[1], 0, size - new_hw[0]))
+        return (image / 255.0 - self.image_mean) / self.image_std
 
     def prepare_masks(self, masks: Tensor) -> Tensor:
-        """bool [M, H, W] at the input image size -> bool [M, IMAGE, IMAGE] like `prepare_image`."""
-        size = self.encoder.image_size
-        scale = self._scale(*masks.shape[-2:])
-        new_size = (round(masks.shape[-2] * scale), round(masks.shape[-1] * scale))
-        resized = F.interpolate(
-            masks.to(self.device)[:, None].float(), size=new_size, mode="nearest"
-        )
-        return F.pad(resized[:, 0], (0, size - new_size[1], 0, size - new_size[0])) > 0.5
+        """bool [M, H, W] at the input image size -> bool [M, S, S] like `prepare_image`."""
+        size = self.model.input_size
+        new_hw = self._resized_hw(*masks.shape[-2:])
+        resized = F.interpolate(masks.to(self.device)[:, None].float(), size=new_hw, mode="nearest")[:, 0]
+        return F.pad(resized, (0, size - new_hw[1], 0, size - new_hw[0])) > 0.5
+
+    def context_masks(self, masks: Tensor) -> Tensor:
+        return torch.stack([context_box_mask(m, self.context_ratio) for m in masks])
+
+    # ------------------------------------------------------------------ text
+    def _tokenize(self, tokenizer, texts: List[str], max_length: Optional[int] = None) -> Tuple[Tensor, Tensor]:
+        return tokenize_padded(tokenizer, texts, self.device, max_length)
+
+    def training_text(self, prompts: List[str], names: List[str]) -> Tuple[Tensor, Tensor, Tensor]:
+        """LLM ids, attention and labels of "<template> <class></s>": every token but the
+        first (bos) and padding is a label, as the release's `train_utils.parse_data`."""
+        texts = [answer_text(p, n, self.tokenizer.eos_token) for p, n in zip(prompts, names)]
+        ids, attention = self._tokenize(self.tokenizer, texts, self.max_text_tokens)
+        labels = ids.clone()
+        labels[attention == 0] = -100
+        if self.tokenizer.pad_token_id is not None:
+            labels[ids == self.tokenizer.pad_token_id] = -100
+        labels[:, 0] = -100
+        return ids, attention, labels
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, batched_inputs: List[Dict]):
+        if self.training:
+            return self.losses(batched_inputs)
+        return self.inference(batched_inputs)
 
     def dataset_of(self, batched_input: Dict) -> str:
-        """The training dataset an input comes from: its `dataset_name`, or the only one."""
+        """The training dataset of an input: its `dataset_name`, or the only one."""
         if "dataset_name" in batched_input:
             return batched_input["dataset_name"]
         if len(self.training_datasets) != 1:
@@ -259,208 +244,202 @@ class OSM(nn.Module):
             )
         return self.training_datasets[0]
 
-    def mode_of(self, batched_input: Dict) -> int:
-        """Test: the configured mode query. Training: the input's dataset's vocabulary-specific
-        query, or with probability `agnostic_mode_prob` the vocabulary-agnostic one, so that both
-        kinds are trained."""
-        if not self.training:
-            return self.test_mode
-        if random.random() < self.agnostic_mode_prob:
-            return self.agnostic_mode
-        return self.mode_of_dataset.get(self.dataset_of(batched_input), self.agnostic_mode)
-
-    # ------------------------------------------------------------------ LLM sequences
-    def _token_ids(self, text: str) -> List[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
-
-    def _embed(self, ids: List[int]) -> Tensor:
-        return self.llm.get_input_embeddings()(
-            torch.tensor(ids, dtype=torch.long, device=self.device)
-        )
-
-    def build_sequences(
-        self, mask_embeds: Tensor, template_ids: Sequence[int], answers: Optional[List[str]] = None
-    ) -> Tuple[Tensor, Tensor, Tensor]:
-        """Right-padded LLM inputs of each mask: [bos] instruction-before, mask embeddings,
-        instruction-after, then (training) the answer tokens + eos. Returns inputs_embeds
-        [M, T, D], attention_mask [M, T] and labels [M, T] (-100 except the answer)."""
-        bos = [self.tokenizer.bos_token_id] if self.tokenizer.bos_token_id is not None else []
-        rows, labels = [], []
-        for index, embeds in enumerate(mask_embeds):
-            before, after = self.templates[template_ids[index]]
-            prefix = self._embed(bos + self._token_ids(before))
-            suffix_ids = self._token_ids(after)
-            answer_ids = []
-            if answers is not None:
-                answer_ids = self._token_ids(" " + answers[index]) + [self.tokenizer.eos_token_id]
-            row = torch.cat([prefix, embeds.to(prefix.dtype), self._embed(suffix_ids + answer_ids)])
-            label = torch.full((row.shape[0],), -100, dtype=torch.long, device=self.device)
-            if answer_ids:
-                label[-len(answer_ids) :] = torch.tensor(answer_ids, device=self.device)
-            rows.append(row)
-            labels.append(label)
-        length = max(r.shape[0] for r in rows)
-        inputs = rows[0].new_zeros(len(rows), length, rows[0].shape[1])
-        attention = torch.zeros(len(rows), length, dtype=torch.long, device=self.device)
-        padded_labels = torch.full((len(rows), length), -100, dtype=torch.long, device=self.device)
-        for index, (row, label) in enumerate(zip(rows, labels)):
-            inputs[index, : row.shape[0]] = row
-            attention[index, : row.shape[0]] = 1
-            padded_labels[index, : row.shape[0]] = label
-        return inputs, attention, padded_labels
-
-    def next_token_loss(self, inputs: Tensor, attention: Tensor, labels: Tensor) -> Tensor:
-        """Mean cross-entropy of each answer token given everything before it."""
-        logits = self.llm(inputs_embeds=inputs, attention_mask=attention).logits
-        return F.cross_entropy(
-            logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100
-        )
-
-    def text_embeddings(self, names: List[str]) -> Tensor:
-        """The frozen LLM's last-layer hidden state at the last token of each name."""
-        bos = [self.tokenizer.bos_token_id] if self.tokenizer.bos_token_id is not None else []
-        embeddings = []
-        with torch.no_grad():
-            for name in names:
-                ids = torch.tensor([bos + self._token_ids(" " + name)], device=self.device)
-                hidden = self.llm(input_ids=ids, output_hidden_states=True).hidden_states[-1]
-                embeddings.append(hidden[0, -1])
-        return torch.stack(embeddings)
-
-    def contrastive_loss(self, mask_embeds: Tensor, answers: List[str]) -> Tensor:
-        """InfoNCE over the distinct class names of the batch (OPAL-style alignment)."""
-        names = sorted(set(answers))
-        targets = torch.tensor([names.index(a) for a in answers], device=self.device)
-        text = F.normalize(self.text_embeddings(names).float(), dim=-1)
-        masks = F.normalize(self.contrastive_proj(mask_embeds.mean(dim=1)).float(), dim=-1)
-        return F.cross_entropy(masks @ text.T / self.contrastive_temperature, targets)
-
-    @torch.no_grad()
-    def generate(self, inputs: Tensor, attention: Tensor) -> Tuple[List[str], Tensor]:
-        """Greedy decoding with the KV cache; inputs must not be padded (one template for all
-        masks). Returns the texts and exp(mean log-probability) of each answer."""
-        eos = self.tokenizer.eos_token_id
-        output = self.llm(inputs_embeds=inputs, attention_mask=attention, use_cache=True)
-        finished = torch.zeros(inputs.shape[0], dtype=torch.bool, device=self.device)
-        tokens, log_probs = [], []
-        for _ in range(self.max_new_tokens):
-            step = output.logits[:, -1].float().log_softmax(dim=-1)
-            token = step.argmax(dim=-1)
-            token = torch.where(finished, torch.full_like(token, eos), token)
-            log_probs.append(
-                torch.where(
-                    finished, torch.zeros_like(step[:, 0]), step.gather(1, token[:, None])[:, 0]
-                )
-            )
-            tokens.append(token)
-            finished |= token == eos
-            if finished.all():
-                break
-            attention = torch.cat([attention, attention.new_ones(attention.shape[0], 1)], dim=1)
-            output = self.llm(
-                inputs_embeds=self.llm.get_input_embeddings()(token[:, None]),
-                attention_mask=attention,
-                past_key_values=output.past_key_values,
-                use_cache=True,
-            )
-        tokens = torch.stack(tokens, dim=1)
-        texts, lengths = [], []
-        for row in tokens.tolist():
-            ids = row[: row.index(eos)] if eos in row else row
-            lengths.append(max(len(ids), 1))
-            texts.append(self.tokenizer.decode(ids, skip_special_tokens=True).strip())
-        mean_log_prob = torch.stack(log_probs, dim=1).sum(dim=1) / torch.tensor(
-            lengths, device=self.device
-        )
-        return texts, mean_log_prob.exp()
-
-    # ------------------------------------------------------------------ forward
-    def forward(self, batched_inputs: List[Dict]):
-        if self.training:
-            return self.losses(batched_inputs)
-        return self.inference(batched_inputs)
+    def sample_training_mask(self, batched_input: Dict) -> Optional[Tuple[Tensor, str]]:
+        """One random ground-truth mask of the input with more than MIN_TRAIN_MASK_AREA pixels
+        at the model's input size, and its class name (Sec. 3.3); None if it has none."""
+        instances = batched_input.get("instances")
+        if instances is None:
+            raise KeyError("OSM training inputs need `instances` (ground-truth masks and classes).")
+        if len(instances) == 0:
+            return None
+        masks = instances.gt_masks
+        masks = self.prepare_masks(masks.tensor if hasattr(masks, "tensor") else masks)
+        valid = torch.nonzero(masks.flatten(1).sum(1) > self.min_train_mask_area)[:, 0]
+        if valid.numel() == 0:
+            return None
+        index = int(valid[torch.randint(valid.numel(), (1,))])
+        names = self.class_names[self.dataset_of(batched_input)]
+        return masks[index], names[int(instances.gt_classes[index])]
 
     def losses(self, batched_inputs: List[Dict]) -> Dict[str, Tensor]:
-        images = torch.stack([self.prepare_image(x["image"]) for x in batched_inputs])
-        features = self.encoder(images)
-        all_embeds, all_answers = [], []
-        for feature, batched_input in zip(features, batched_inputs):
-            instances = batched_input["instances"]
-            if len(instances) == 0:
+        samples, modes, images = [], [], []
+        half = len(batched_inputs) // 2
+        for index, batched_input in enumerate(batched_inputs):
+            sample = self.sample_training_mask(batched_input)
+            if sample is None:
                 continue
-            keep = torch.randperm(len(instances))[: self.max_masks_per_image]
-            masks = instances.gt_masks
-            masks = (masks.tensor if hasattr(masks, "tensor") else masks)[keep]
-            names = self.class_names[self.dataset_of(batched_input)]
-            all_answers += [names[int(c)] for c in instances.gt_classes[keep]]
-            all_embeds.append(
-                self.maskq_former(feature, self.prepare_masks(masks), self.mode_of(batched_input))
-            )
-        if not all_embeds:
-            # no mask in the batch: a zero loss that still touches every trained parameter, so
-            # DistributedDataParallel sees gradients for all of them
-            trained = [p for p in self.parameters() if p.requires_grad]
-            return {"loss_text": features.sum() * 0.0 + sum(p.sum() for p in trained) * 0.0}
-        mask_embeds = torch.cat(all_embeds)
-        template_ids = [random.randrange(len(self.templates)) for _ in all_answers]
-        inputs, attention, labels = self.build_sequences(mask_embeds, template_ids, all_answers)
-        losses = {"loss_text": self.next_token_loss(inputs, attention, labels)}
-        if self.contrastive_proj is not None:
-            losses["loss_contrastive"] = self.contrastive_weight * self.contrastive_loss(
-                mask_embeds, all_answers
-            )
+            samples.append(sample)
+            images.append(self.prepare_image(batched_input["image"]))
+            specific = self.dataset_modes.get(self.dataset_of(batched_input), self.agnostic_mode)
+            modes.append(specific if index < half else self.agnostic_mode)
+        trained = [p for p in self.parameters() if p.requires_grad]
+        if not samples:
+            # no usable mask: a zero loss touching every trained parameter (DDP needs them)
+            return {"loss_text": sum(p.sum() for p in trained) * 0.0}
+        masks = torch.stack([s[0] for s in samples])
+        names = [s[1] for s in samples]
+        prompts = [random.choice(self.templates) for _ in samples]
+        q_ids, q_attention = self._tokenize(self.qformer_tokenizer, prompts, self.max_text_tokens)
+        ids, attention, labels = self.training_text(prompts, names)
+        image_embeds = self.model.encode_image(torch.stack(images))
+        mode_ids = self.model.mode_indices(modes, self.device)
+        inputs_embeds, llm_attention = self.model.prefix_inputs(
+            image_embeds, masks, self.context_masks(masks), mode_ids, q_ids, q_attention, ids, attention
+        )
+        logits = self.model.language_model(inputs_embeds=inputs_embeds, attention_mask=llm_attention).logits
+        # the release averages the losses of the specific and the agnostic half
+        groups = [mode_ids == m for m in mode_ids.unique()]
+        loss = sum(self.model.text_loss(logits[g], labels[g]) for g in groups) / len(groups)
+        losses = {"loss_text": loss}
+        if self.opal is not None:  # the projected mask-query outputs = the mask embedding
+            losses.update(self.opal.losses(inputs_embeds[:, : self.model.mask_query.shape[1]], names))
         return losses
 
+    # ------------------------------------------------------------------ inference
     def test_masks(self, batched_inputs: List[Dict]) -> List[Tuple[Tensor, Tensor]]:
         """(bool masks [M, H, W] at the input image size, scores [M]) per image."""
-        if self.proposal_model is None:
+        if self.mask_generator is None:
             result = []
             for x in batched_inputs:
                 if "instances" not in x:
                     raise KeyError(
-                        "OSM with MASK_SOURCE 'ground_truth' needs the inputs' `instances`; set "
-                        "TEST.ORACLE.SEGMENTATION True so the test mapper keeps them."
+                        "OSM with MASK_SOURCE 'ground_truth' got an image without masks "
+                        f"({x.get('file_name', 'an input')} has no `instances`); set "
+                        "TEST.ORACLE.SEGMENTATION True so the test mapper keeps them, or use "
+                        "MASK_SOURCE 'proposals' / 'sam2'."
                     )
                 masks = x["instances"].gt_masks
                 masks = (masks.tensor if hasattr(masks, "tensor") else masks).bool()
                 result.append((masks, torch.ones(masks.shape[0])))
             return result
-        with torch.no_grad():
-            proposals = self.proposal_model(batched_inputs)
-        result = []
-        for x, output in zip(batched_inputs, proposals):
-            instances = output["instances"]
-            order = instances.scores.argsort(descending=True)[: self.proposal_topk]
-            masks = instances.pred_masks[order].float()
-            masks = F.interpolate(
-                masks[:, None], size=tuple(x["image"].shape[-2:]), mode="nearest"
-            )[:, 0]
-            result.append((masks > 0.5, instances.scores[order].float()))
-        return result
+        return self.mask_generator(batched_inputs, self.proposal_topk)
+
+    def decode(self, tokens: Tensor, scores: Tensor) -> Tuple[List[str], Tensor]:
+        """Texts up to eos and their confidence (product of the greedy tokens' probabilities,
+        as the release's `pred_prob`); an empty answer gets confidence 0."""
+        eos = self.tokenizer.eos_token_id
+        probs = scores.float().softmax(-1).gather(2, tokens[..., None])[..., 0]
+        texts, confidence = [], []
+        for row, p in zip(tokens.tolist(), probs):
+            length = row.index(eos) if eos in row else len(row)
+            text = self.tokenizer.decode(row[:length], skip_special_tokens=True).strip()
+            texts.append(text)
+            confidence.append(p[:length].prod() if text else p.new_zeros(()))
+        return texts, torch.stack(confidence) if confidence else probs.new_zeros(0)
+
+    @torch.no_grad()
+    def name_masks(self, image_embeds: Tensor, masks: Tensor) -> Tuple[List[str], Tensor]:
+        """Greedy answers for masks [M, S, S] of one image (embeddings [1, N, C])."""
+        prompt = [self.templates[self.test_template]]
+        q_ids, q_attention = self._tokenize(self.qformer_tokenizer, prompt)
+        ids, attention = self._tokenize(self.tokenizer, prompt)
+        texts, confidence = [], []
+        for chunk in masks.split(self.test_masks_per_batch):
+            count = chunk.shape[0]
+            inputs_embeds, llm_attention = self.model.prefix_inputs(
+                image_embeds.expand(count, -1, -1), chunk, self.context_masks(chunk),
+                self.model.mode_indices([self.test_mode] * count, self.device),
+                q_ids.expand(count, -1), q_attention.expand(count, -1),
+                ids.expand(count, -1), attention.expand(count, -1),
+            )
+            tokens, scores = self.model.generate(
+                inputs_embeds, llm_attention, self.max_new_tokens, self.tokenizer.eos_token_id,
+                self.tokenizer.pad_token_id,
+            )
+            chunk_texts, chunk_confidence = self.decode(tokens, scores)
+            texts += chunk_texts
+            confidence.append(chunk_confidence)
+        return texts, torch.cat(confidence)
 
     def inference(self, batched_inputs: List[Dict]) -> List[Dict]:
-        images = torch.stack([self.prepare_image(x["image"]) for x in batched_inputs])
-        features = self.encoder(images)
         results = []
-        for feature, batched_input, (masks, scores) in zip(
-            features, batched_inputs, self.test_masks(batched_inputs)
-        ):
+        for batched_input, (masks, scores) in zip(batched_inputs, self.test_masks(batched_inputs)):
             height = batched_input.get("height", batched_input["image"].shape[-2])
             width = batched_input.get("width", batched_input["image"].shape[-1])
-            instances = Instances((height, width))
-            texts, confidence = [], torch.zeros(0, device=self.device)
+            texts = [""] * masks.shape[0]
+            confidence = torch.zeros(masks.shape[0], device=self.device)
             if masks.shape[0]:
-                mask_embeds = self.maskq_former(feature, self.prepare_masks(masks), self.test_mode)
-                inputs, attention, _ = self.build_sequences(mask_embeds, [0] * masks.shape[0])
-                texts, confidence = self.generate(inputs, attention)
-            resized = F.interpolate(
-                masks.to(self.device)[:, None].float(), size=(height, width), mode="nearest"
-            )
+                prepared = self.prepare_masks(masks)
+                named = torch.nonzero(prepared.flatten(1).any(1))[:, 0]  # empty after resizing: ""
+                if named.numel():
+                    image_embeds = self.model.encode_image(self.prepare_image(batched_input["image"])[None])
+                    named_texts, named_confidence = self.name_masks(image_embeds, prepared[named])
+                    for i, text in zip(named.tolist(), named_texts):
+                        texts[i] = text
+                    confidence[named] = named_confidence
+            instances = Instances((height, width))
+            resized = F.interpolate(masks.to(self.device)[:, None].float(), size=(height, width), mode="nearest")
             instances.pred_masks = resized[:, 0] > 0.5
             instances.scores = scores.to(self.device) * confidence
             instances.pred_texts = texts
             results.append({"instances": instances})
         return results
+
+
+# ---------------------------------------------------------------------- mask sources
+class ProposalMasks(nn.Module):
+    """Masks of a frozen class-agnostic meta-architecture from the registry (e.g. openseg's
+    class-agnostic MaskFormer; the paper uses kMaX-DeepLab, Sec. 4.2): top-k by score."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    @torch.no_grad()
+    def forward(self, batched_inputs: List[Dict], topk: int) -> List[Tuple[Tensor, Tensor]]:
+        result = []
+        for x, output in zip(batched_inputs, self.model(batched_inputs)):
+            instances = output["instances"]
+            order = instances.scores.argsort(descending=True)[:topk]
+            masks = F.interpolate(
+                instances.pred_masks[order].float()[:, None], size=tuple(x["image"].shape[-2:]), mode="nearest"
+            )[:, 0]
+            result.append((masks > 0.5, instances.scores[order].float()))
+        return result
+
+
+class SAM2Masks(nn.Module):
+    """SAM2's automatic mask generator (the `sam2` package), the paper's "segment and
+    recognise anything" setting (Fig. 1 / release demo_with_sam.py, there with SAM v1): masks
+    sorted by area, largest first, each with score 1 (the release's post-processing ranks by
+    OSM's confidence alone)."""
+
+    def __init__(self, config: str, checkpoint: str, image_size: int, points_per_side: int,
+                 pred_iou_thresh: float, stability_score_thresh: float, min_mask_region_area: int):
+        super().__init__()
+        from sam2.automatic_mask_generator import SAM2AutomaticMaskGenerator
+        from sam2.build_sam import build_sam2
+
+        if checkpoint and not os.path.isfile(checkpoint):
+            raise FileNotFoundError(f"cfg.MODEL.OSM.SAM2.CHECKPOINT={checkpoint!r} does not exist.")
+        if not checkpoint:
+            logger.warning("OSM: SAM2 mask generator without MODEL.OSM.SAM2.CHECKPOINT: random weights.")
+        self.sam2 = build_sam2(
+            config, ckpt_path=checkpoint or None, device="cpu", apply_postprocessing=False,
+            hydra_overrides_extra=[f"++model.image_size={image_size}"],
+        ).eval()
+        self.sam2.requires_grad_(False)
+        self.settings = dict(
+            points_per_side=points_per_side, pred_iou_thresh=pred_iou_thresh,
+            stability_score_thresh=stability_score_thresh, min_mask_region_area=min_mask_region_area,
+        )
+        self._generator_cls = SAM2AutomaticMaskGenerator
+
+    @torch.no_grad()
+    def forward(self, batched_inputs: List[Dict], topk: int) -> List[Tuple[Tensor, Tensor]]:
+        generator = self._generator_cls(self.sam2, **self.settings)
+        # SAM2ImagePredictor assumes 1024-px inputs (stride 4 / 8 / 16 maps); follow IMAGE_SIZE
+        size = self.sam2.image_size
+        generator.predictor._bb_feat_sizes = [(size // s, size // s) for s in (4, 8, 16)]
+        result = []
+        for x in batched_inputs:
+            image = x["image"].permute(1, 2, 0).cpu().numpy()
+            found = sorted(generator.generate(image), key=lambda m: m["area"], reverse=True)[:topk]
+            masks = torch.zeros((len(found), *image.shape[:2]), dtype=torch.bool)
+            for i, m in enumerate(found):
+                masks[i] = torch.as_tensor(m["segmentation"])
+            result.append((masks, torch.ones(len(found))))
+        return result
 
 
 def build_proposal_model(config_file: str, weights: str, device: str) -> nn.Module:
@@ -478,6 +457,21 @@ def build_proposal_model(config_file: str, weights: str, device: str) -> nn.Modu
         DetectionCheckpointer(model).load(weights)
     else:
         logger.warning("OSM proposal model has no PROPOSAL_WEIGHTS: random-initialised masks.")
-    for parameter in model.parameters():
-        parameter.requires_grad_(False)
+    model.requires_grad_(False)
     return model.eval()
+
+
+def build_mask_generator(cfg) -> Optional[nn.Module]:
+    """The test-time mask source of cfg.MODEL.OSM.MASK_SOURCE (None = ground truth)."""
+    osm = cfg.MODEL.OSM
+    if osm.MASK_SOURCE == "ground_truth":
+        return None
+    if osm.MASK_SOURCE == "proposals":
+        return ProposalMasks(build_proposal_model(osm.PROPOSAL_CONFIG, osm.PROPOSAL_WEIGHTS, cfg.MODEL.DEVICE))
+    if osm.MASK_SOURCE == "sam2":
+        s = osm.SAM2
+        return SAM2Masks(s.CONFIG, s.CHECKPOINT, s.IMAGE_SIZE, s.POINTS_PER_SIDE, s.PRED_IOU_THRESH,
+                         s.STABILITY_SCORE_THRESH, s.MIN_MASK_REGION_AREA)
+    raise ValueError(
+        f"cfg.MODEL.OSM.MASK_SOURCE={osm.MASK_SOURCE!r}: use 'ground_truth', 'proposals' or 'sam2'."
+    )

@@ -1,36 +1,36 @@
-"""Instruction templates for naming a mask with an LLM. `{mask}` marks where the mask-query
-embeddings are inserted. Training samples one per mask; testing uses the first (OSM, Sec. 3.3)."""
+"""OSM's instruction templates: Table 4 of Yu, Shen and Chen, "Towards Open-Ended Visual
+Recognition with Large Language Model" (also `train/data.py:MASK_PROMPT` of the release).
+
+Training picks one at random and appends the ground-truth class name: the LLM text is
+"<template> <class name></s>" (Table 4's "Assistant: {class_name}"; the release appends the
+tokenizer's eos). Testing uses only the first template (Sec. 3.3) and reads the answer as
+the greedy continuation up to eos."""
 
 from typing import List
 
-MASK_PLACEHOLDER = "{mask}"
-
 INSTRUCTION_TEMPLATES: List[str] = [
-    "What is the category of the region {mask}? Answer with one name.",
-    "Name the object in the region {mask}.",
-    "What is shown in {mask}?",
-    "Which category does {mask} belong to?",
-    "Give the class name of the region {mask}.",
-    "Region {mask}. What is it?",
-    "Identify the thing or stuff in {mask}.",
-    "What do you see in the masked area {mask}?",
-    "Tell me the name of the object in {mask}.",
-    "Classify the region {mask}.",
-    "The region {mask} contains what?",
-    "What is this segment {mask}?",
-    "Describe the region {mask} with a category name.",
-    "Label the masked region {mask}.",
-    "What kind of object or material is in {mask}?",
-    "Recognize the content of {mask}.",
-    "Look at {mask}. What is its category?",
-    "Predict the semantic class of {mask}.",
-    "In one word or phrase, what is {mask}?",
+    "What is in the segmentation mask? Assistant:",
+    "Describe what is in the segmentation mask. Assistant:",
+    "What does this segmentation mask show? Assistant:",
+    "What is this segmentation mask? Assistant:",
+    "What is the segmentation mask region of the image? Assistant:",
+    "Briefly describe what you perceive in the segmentation mask region. Assistant:",
+    "Please tell the category of what is indicated by the segmentation mask. Assistant:",
+    "What does this segmentation mask segments? Assistant:",
+    "What does this segmentation mask capture? Assistant:",
+    "Answer the name of what is in the segmentation mask region. Assistant:",
+    "What is the semantic class of the area given the segmentation mask? Assistant:",
+    "Can you describe what is in the segmentation mask region? Assistant:",
+    "From the image and segmentation mask provided, tell the category of the indicated region. Assistant:",
+    "Could you use a few words to describe what is in the segmentation mask region? Assistant:",
+    "Given the image and segmentation mask, answer what is in the region. Assistant:",
+    "Tell me what you see in the segmentation mask region. Assistant:",
+    "What can you see in the segmentation mask region? Assistant:",
+    "Let me know what you can perceive in the mask region. Assistant:",
+    "Give me the name of the object in the segmentation mask. Assistant:",
 ]
 
 
-def split_template(template: str) -> List[str]:
-    """(text before, text after) the mask placeholder; exactly one placeholder is required."""
-    parts = template.split(MASK_PLACEHOLDER)
-    if len(parts) != 2:
-        raise ValueError(f"Instruction template {template!r} must contain {MASK_PLACEHOLDER} once.")
-    return parts
+def answer_text(template: str, class_name: str, eos_token: str) -> str:
+    """The training text of one mask (Table 4 format, as `train/data.py` builds it)."""
+    return f"{template} {class_name.strip()}{eos_token}"
