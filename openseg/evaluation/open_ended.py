@@ -1,5 +1,6 @@
-"""Open-ended recognition of given masks: Accuracy and Not-in-Vocabulary (OSM, Yang et al.,
-"Open-ended Semantic Segmentation with MLLMs", evaluation with ground-truth masks).
+"""Open-ended recognition of given masks: Accuracy and Not-in-Vocabulary (OSM: Yu, Shen and
+Chen, "Towards Open-Ended Visual Recognition with Large Language Model", Sec. 4, evaluation
+with ground-truth masks).
 
 A model that names masks freely (`instances.pred_texts`) is run on ground-truth masks (or on
 proposals). Each predicted mask is assigned the ground-truth segment it overlaps with IoU >=
