@@ -1,5 +1,5 @@
 """Open-ended recognition of given masks: Accuracy and Not-in-Vocabulary (OSM: Yu, Shen and
-Chen, "Towards Open-Ended Visual Recognition with Large Language Model", Sec. 4, evaluation
+Chen, "Towards Open-Ended Visual Recognition with Large Language Model", Sec. 3.3, evaluation
 with ground-truth masks).
 
 A model that names masks freely (`instances.pred_texts`) is run on ground-truth masks (or on
