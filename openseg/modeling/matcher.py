@@ -82,6 +82,14 @@ class HungarianMatcher(nn.Module):
         self.cost_dice = cost_dice
         self.num_points = num_points
 
+    def draw_points(self, device: torch.device) -> Tensor:
+        """`num_points` uniform points [P, 2] in [0, 1]^2, drawn from torch's global generator.
+
+        One ``torch.rand(1, P, 2)`` per image and matching, exactly as the release draws them,
+        so a run seeded like a Mask2Former run samples the same points (the equivalence test
+        checks the sequence of draws against the release's)."""
+        return torch.rand(1, self.num_points, 2, device=device)[0]
+
     @torch.no_grad()
     def cost_matrix(
         self,
@@ -104,7 +112,7 @@ class HungarianMatcher(nn.Module):
             [Q, M] float cost on the device of the predictions.
         """
         if point_coords is None:
-            point_coords = torch.rand(self.num_points, 2, device=pred_masks.device)
+            point_coords = self.draw_points(pred_masks.device)
         coords = point_coords[None].to(device=pred_masks.device, dtype=torch.float32)
         pred_points = point_sample(
             pred_masks[:, None].float(), coords.expand(pred_masks.shape[0], -1, -1),
@@ -141,12 +149,15 @@ class HungarianMatcher(nn.Module):
             )
         indices = []
         for image_idx, target in enumerate(targets):
+            # drawn for every image, also one without targets, to keep the release's sequence
+            points = self.draw_points(pred_masks.device)
             if target["labels"].numel() == 0 or pred_logits.shape[1] == 0:
                 empty = torch.zeros(0, dtype=torch.int64)
                 indices.append((empty, empty.clone()))
                 continue
             cost = self.cost_matrix(
-                pred_logits[image_idx], pred_masks[image_idx], target["labels"], target["masks"]
+                pred_logits[image_idx], pred_masks[image_idx], target["labels"], target["masks"],
+                points,
             )
             query_idx, target_idx = linear_sum_assignment(cost.cpu().numpy())
             indices.append(

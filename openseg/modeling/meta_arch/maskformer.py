@@ -145,8 +145,12 @@ class OpenSegMaskFormer(nn.Module):
             "overlap_threshold": mask_former.TEST.OVERLAP_THRESHOLD,
             "metadata": cls.dataset_metadata(cfg),
             "size_divisibility": mask_former.SIZE_DIVISIBILITY,
+            # as the release: panoptic and instance inference need the masks at the output
+            # size anyway, so semantic inference then also runs on the resized masks
             "sem_seg_postprocess_before_inference": (
                 mask_former.TEST.SEM_SEG_POSTPROCESSING_BEFORE_INFERENCE
+                or mask_former.TEST.PANOPTIC_ON
+                or mask_former.TEST.INSTANCE_ON
             ),
             "pixel_mean": tuple(cfg.MODEL.PIXEL_MEAN),
             "pixel_std": tuple(cfg.MODEL.PIXEL_STD),
