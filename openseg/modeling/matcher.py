@@ -4,7 +4,12 @@ Set prediction as in DETR (Carion et al. ECCV 2020): every ground-truth segment 
 exactly one query by the Hungarian algorithm on a pairwise cost. The cost follows Mask2Former
 (Cheng et al. CVPR 2022, Sec. 3.3): class probability plus binary cross-entropy and dice
 between masks, both evaluated on the same K random points for every prediction and target
-instead of on full-resolution masks.
+instead of on full-resolution masks (Sec. 3.3, "Improving training efficiency": K = 12544
+uniformly sampled points, the same set for every prediction and target of an image).
+
+As the release, the points come from torch's global generator, one ``torch.rand(1, K, 2)``
+per image and matching in image order, and the mask costs are computed in float32 under
+mixed precision; a run seeded like a Mask2Former run therefore samples the same points.
 """
 from typing import Dict, List, Optional, Tuple
 
@@ -124,8 +129,11 @@ class HungarianMatcher(nn.Module):
         )[:, 0]
         class_probs = pred_logits.float().softmax(-1)
         cost = -self.cost_class * class_probs[:, tgt_labels.long()]
-        cost = cost + self.cost_mask * batch_sigmoid_ce_cost(pred_points, tgt_points)
-        cost = cost + self.cost_dice * batch_dice_cost(pred_points, tgt_points)
+        # mask costs in float32 also under mixed precision, as the release computes them
+        with torch.autocast(device_type=pred_points.device.type, enabled=False):
+            pred_points, tgt_points = pred_points.float(), tgt_points.float()
+            cost = cost + self.cost_mask * batch_sigmoid_ce_cost(pred_points, tgt_points)
+            cost = cost + self.cost_dice * batch_dice_cost(pred_points, tgt_points)
         return cost
 
     @torch.no_grad()
