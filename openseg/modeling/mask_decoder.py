@@ -262,7 +262,8 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
             "pre_norm": mf.PRE_NORM,
             "mask_dim": cfg.MODEL.SEM_SEG_HEAD.MASK_DIM,
             "enforce_input_project": mf.ENFORCE_INPUT_PROJ,
-            "dropout": mf.DROPOUT,
+            # no dropout in the decoder (Sec. 3.2.3); like the release, MASK_FORMER.DROPOUT
+            # only reaches the pixel decoder's deformable encoder
         }
 
     def _check_groups(self, groups: List[QueryGroup], batch: int) -> None:

@@ -231,7 +231,7 @@ def _check_margins(model, outputs, images_tensor_size, image_sizes) -> None:
 def generate(reference_root: Path, out_dir: Path) -> None:
     torch.set_num_threads(1)
     reference = add_reference_to_path(reference_root, "facebookresearch__Mask2Former")
-    for seed in range(SEED, SEED + 40):
+    for seed in range(SEED, SEED + 300):
         try:
             fixture = _attempt(reference, seed)
         except _Unstable as why:
@@ -239,7 +239,7 @@ def generate(reference_root: Path, out_dir: Path) -> None:
             continue
         torch.save(fixture, out_dir / "fixtures.pt")
         return
-    raise RuntimeError("no stable seed found in 40 attempts")
+    raise RuntimeError("no stable seed found in 300 attempts")
 
 
 def _attempt(reference: Path, seed: int) -> dict:
@@ -334,7 +334,7 @@ def _attempt(reference: Path, seed: int) -> dict:
     assert kept_at_threshold == 1
     things = sum(s["isthing"] for p in panoptic for s in p["segments_info"])
     stuff = sum(not s["isthing"] for p in panoptic for s in p["segments_info"])
-    if not (things and stuff):
+    if things < 2 or stuff < 2:
         raise _Unstable(f"panoptic results need things and stuff (got {things}, {stuff})")
 
     # ---------------------------------------------------------------- training step
