@@ -126,6 +126,26 @@ def test_mapping_is_exact_inverse_and_covers_every_parameter(reference):
     assert ours["pixel_decoder.lateral_convs.0.weight"] is released["sem_seg_head.pixel_decoder.adapter_1.weight"]
 
 
+def test_version_1_layout_maps_like_the_current_one(reference):
+    """Checkpoints read from `.pkl` carry no module versions, and the release then renames
+    `sem_seg_head.<pixel decoder key>` and `static_query` (its `_load_from_state_dict`);
+    openseg reads such a layout to the same parameters. Back-converted state dicts are marked
+    version 2 so the release keeps their names."""
+    released = reference["state_dict"]
+    version_1 = {
+        key.replace("sem_seg_head.pixel_decoder.", "sem_seg_head.").replace(
+            "predictor.query_feat", "predictor.static_query"
+        ): value
+        for key, value in released.items()
+    }
+    assert "sem_seg_head.adapter_1.weight" in version_1
+    assert reference_to_openseg(version_1) == reference_to_openseg(released)
+    back = openseg_to_reference(reference_to_openseg(version_1))
+    assert list(back) == list(released)
+    assert back._metadata["sem_seg_head"]["version"] == 2
+    assert back._metadata["sem_seg_head.predictor"]["version"] == 2
+
+
 def test_unmapped_keys_are_listed(reference):
     released = dict(reference["state_dict"])
     released["sem_seg_head.extra_head.weight"] = torch.zeros(1)
