@@ -174,7 +174,8 @@ def test_pixel_decoder_rejects_missing_features():
 
 def test_pixel_decoder_runs_in_float32_under_autocast():
     """As the release (autocast disabled, inputs cast to float32): mixed precision does not
-    reach the deformable encoder, so the outputs equal the float32 ones exactly."""
+    reach the deformable encoder: outputs equal the float32 computation on the same (bfloat16)
+    inputs exactly."""
     torch.manual_seed(0)
     decoder = build_pixel_decoder(_tiny_cfg(1), _SHAPES).eval()
     features = {
