@@ -4,6 +4,13 @@ A Deformable-DETR encoder (Zhu et al. ICLR 2021, Sec. 4.1, Eq. 3) mixes the stri
 backbone maps; an FPN-style lateral path then lifts the result to stride `COMMON_STRIDE` to
 produce the per-pixel mask embeddings. Deformable attention is written with
 `F.grid_sample`, so no compiled extension is needed.
+
+Where the paper is silent the release (facebookresearch/Mask2Former, `MSDeformAttnPixelDecoder`)
+is followed: encoder levels ordered coarsest first with learnt level embeddings, a 1024-wide
+encoder FFN, sampling offsets in pixels of each level normalised by its (W, H), bilinear
+(not nearest) upsampling in the FPN path, and float32 computation under mixed precision.
+`tests/test_reference_mask2former.py` checks the outputs against the release's on non-square
+levels with query-dependent offsets.
 """
 
 import math
@@ -360,9 +367,12 @@ class MSDeformAttnPixelDecoder(nn.Module):
         weight_init.c2_xavier_fill(self.mask_features)
         self.maskformer_num_feature_levels = 3
 
-        # FPN path for inputs finer than the encoder levels, finest last
+        # FPN path for inputs finer than the encoder levels. As in the release, the lateral /
+        # output convolutions are listed finest first (its adapter_1, layer_1, ...) and run
+        # coarsest first
         self.fpn_in_features = [
-            k for k, shape in ordered if common_stride <= shape.stride < finest_transformer_stride
+            k for k, shape in reversed(ordered)
+            if common_stride <= shape.stride < finest_transformer_stride
         ]
         use_bias = norm == ""
         self.lateral_convs = nn.ModuleList()
@@ -420,7 +430,16 @@ class MSDeformAttnPixelDecoder(nn.Module):
 
         Returns (mask_features [B, mask_dim, H/common_stride, W/common_stride],
         multi_scale_features: 3 maps of conv_dim channels, lowest resolution first).
+        Runs in float32 also under mixed precision, as the release does (its deformable
+        attention does not support half precision).
         """
+        device_type = next(iter(features.values())).device.type
+        with torch.autocast(device_type=device_type, enabled=False):
+            return self._forward_features({k: v.float() for k, v in features.items()})
+
+    def _forward_features(
+        self, features: Dict[str, torch.Tensor]
+    ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
         sources, pos_embeds = [], []
         for level, name in enumerate(self.transformer_in_features):
             projected = self.input_proj[level](features[name])
@@ -435,9 +454,9 @@ class MSDeformAttnPixelDecoder(nn.Module):
             height, width = spatial_shapes[level].tolist()
             outputs.append(memory[:, start:end].transpose(1, 2).reshape(batch, -1, height, width))
 
-        for name, lateral_conv, output_conv in zip(
+        for name, lateral_conv, output_conv in reversed(list(zip(
             self.fpn_in_features, self.lateral_convs, self.output_convs
-        ):
+        ))):
             lateral = lateral_conv(features[name])
             upsampled = F.interpolate(
                 outputs[-1], size=lateral.shape[-2:], mode="bilinear", align_corners=False
