@@ -41,6 +41,7 @@ from openseg.projects.openworldsam import (
     classwise_mask_nms,
     released_to_openseg_name,
     semantic_logits,
+    sparse_prompt_tokens,
     threshold_nms_instances,
 )
 
@@ -562,7 +563,8 @@ def test_tie_breakers_give_distinct_queries(demo_model):
         torch.testing.assert_close(initial[i] - initial[j], adapter.tie_breakers[i] - adapter.tie_breakers[j])
     features = demo_model.sam2.image_features(torch.randn(1, 3, DEMO_SIZE, DEMO_SIZE))
     with torch.no_grad():
-        queries = adapter(prompt, features["image_embed"][0])[0]
+        queries, refined = adapter(prompt, features["image_embed"][0])
+        queries = (queries + refined)[0]
     assert torch.cdist(queries, queries)[~torch.eye(DEMO_QUERIES, dtype=torch.bool)].min() > 1e-3
 
 
@@ -574,9 +576,22 @@ def test_self_attention_spans_every_prompt_of_the_image(demo_model):
     features = demo_model.sam2.image_features(torch.randn(1, 3, DEMO_SIZE, DEMO_SIZE))
     prompts = torch.randn(2, demo_model.vl_encoder.output_dim)
     with torch.no_grad():
-        alone = demo_model.adapter(prompts[:1], features["image_embed"][0])
-        together = demo_model.adapter(prompts, features["image_embed"][0])
+        alone = demo_model.adapter(prompts[:1], features["image_embed"][0])[1]
+        together = demo_model.adapter(prompts, features["image_embed"][0])[1]
     assert (alone[0] - together[0]).abs().max() > 1e-4
+
+
+def test_sparse_prompt_token_layouts():
+    """Paper: one token q_i + T(q)_i per mask; release: mask i gets q_i + T(q)_j for all j."""
+    queries, refined = torch.randn(6, 8), torch.randn(6, 8)
+    rows = slice(2, 5)
+    paper = sparse_prompt_tokens(queries, refined, rows, "per_query")
+    assert paper.shape == (3, 1, 8)
+    torch.testing.assert_close(paper[:, 0], queries[2:5] + refined[2:5])
+    released = sparse_prompt_tokens(queries, refined, rows, "released")
+    assert released.shape == (3, 6, 8)
+    for i, j in itertools.product(range(3), range(6)):
+        torch.testing.assert_close(released[i, j], queries[2 + i] + refined[j])
 
 
 def test_image_features_match_sam2_image_predictor(demo_model):
@@ -714,3 +729,25 @@ def test_openclip_late_fusion_encoder_stays_available():
     with torch.no_grad():
         out = model([dict(x, sentences=["a red circle"])])[0]
     assert out["ref_seg"].shape == (1, x["height"], x["width"])
+
+
+def test_coco_training_set_leaves_out_refcocog_umd_val_images(tmp_path, monkeypatch):
+    """openseg_coco_2017_train_panoptic_filtrefgumdval (App. A.1): COCO train panoptic minus
+    every image of RefCOCOg-umd val, read from the refer toolkit's refs(umd).p."""
+    import pickle
+
+    from openseg.data.datasets import coco
+
+    refs = tmp_path / "refcoco" / "refcocog"
+    refs.mkdir(parents=True)
+    with open(refs / "refs(umd).p", "wb") as f:
+        pickle.dump([{"image_id": 2, "split": "val"}, {"image_id": 3, "split": "train"},
+                     {"image_id": 5, "split": "val"}, {"image_id": 7, "split": "test"}], f)
+    monkeypatch.setattr(
+        coco, "load_coco_panoptic_with_sem_seg",
+        lambda paths, meta: [{"image_id": i} for i in range(1, 9)],
+    )
+    kept = coco.load_coco_panoptic_without_refcocog_val({}, {}, tmp_path)
+    assert [d["image_id"] for d in kept] == [1, 3, 4, 6, 7, 8]
+    meta = MetadataCatalog.get("openseg_coco_2017_train_panoptic_filtrefgumdval")
+    assert meta.evaluators == ["panoptic", "semantic", "instance"]

@@ -11,7 +11,7 @@ from .meta_arch import (
     semantic_logits,
     threshold_nms_instances,
 )
-from .modeling import FrozenSAM2, LanguagePromptAdapter, SoftPromptLayer
+from .modeling import FrozenSAM2, LanguagePromptAdapter, SoftPromptLayer, sparse_prompt_tokens
 from .vl_encoder import (
     VL_ENCODER_REGISTRY,
     OpenCLIPLateFusionEncoder,
@@ -34,6 +34,7 @@ __all__ = [
     "FrozenSAM2",
     "LanguagePromptAdapter",
     "SoftPromptLayer",
+    "sparse_prompt_tokens",
     "VL_ENCODER_REGISTRY",
     "OpenCLIPLateFusionEncoder",
     "VisionLanguageEncoder",
