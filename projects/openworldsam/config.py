@@ -64,7 +64,8 @@ def add_openworldsam_config(cfg: CN) -> None:
     node.DICE_WEIGHT = 0.0
     node.FOCAL_ALPHA = 0.25
     node.FOCAL_GAMMA = 2.0
-    # (prompt, query) pairs per SAM2 mask-decoder call at test time (bounds memory)
+    # sparse prompt tokens per SAM2 mask-decoder call (bounds memory; a call decodes at least
+    # one mask; with PROMPT_TOKENS "released" every mask carries P x K tokens)
     node.DECODER_CHUNK_SIZE = 512
 
     node.TEST = CN()

@@ -223,7 +223,7 @@ class OpenWorldSAM(nn.Module):
             overlap_threshold: panoptic visible-fraction rule.
             two_stage_refinement: decode again with the first masks as dense prompts.
             semantic_on, instance_on, panoptic_on: which outputs inference produces.
-            decoder_chunk_size: (prompt, query) pairs per decoder call at test time.
+            decoder_chunk_size: sparse prompt tokens per SAM2 decoder call (memory bound).
         """
         super().__init__()
         check_choices(prompt_protocol, prompt_tokens)
@@ -379,12 +379,17 @@ class OpenWorldSAM(nn.Module):
         mask_prompts: Optional[Tensor] = None,
     ) -> Tuple[Tensor, Tensor]:
         """SAM2 masks [N, S/4, S/4] and scores [N] of N queries (q, T(q)) or N mask prompts,
-        decoded `decoder_chunk_size` masks at a time (SAM2's decoder treats each mask's
-        prompt independently)."""
+        decoded in chunks of at most `decoder_chunk_size` sparse tokens (at least one mask;
+        SAM2's decoder treats each mask's prompt independently, so chunks do not change the
+        result)."""
         count = (queries[0] if queries is not None else mask_prompts).shape[0]
+        tokens_per_mask = 1
+        if queries is not None and self.prompt_tokens == "released":
+            tokens_per_mask = count
+        per_call = max(1, self.decoder_chunk_size // tokens_per_mask)
         outputs = []
-        for start in range(0, count, self.decoder_chunk_size):
-            rows = slice(start, start + self.decoder_chunk_size)
+        for start in range(0, count, per_call):
+            rows = slice(start, start + per_call)
             tokens = None
             if queries is not None:
                 tokens = sparse_prompt_tokens(*queries, rows, self.prompt_tokens)
