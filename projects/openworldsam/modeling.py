@@ -20,9 +20,12 @@ class FrozenSAM2(nn.Module):
     """SAM2 image encoder + prompt encoder + mask decoder from the installed `sam2` package.
 
     Built from a sam2 hydra config (`config_name`) with the input side set to `image_size`;
-    weights from the local `checkpoint` ("" = random init, logged). Every parameter is frozen
-    and the module stays in eval mode; gradients still flow through the mask decoder to the
-    prompt tokens.
+    weights from the local `checkpoint` ("" = random init, logged): the official SAM2 /
+    SAM2.1 checkpoints (`{"model": state_dict}`, e.g. sam2_hiera_large.pt as the release
+    uses, or sam2.1_hiera_large.pt with a sam2.1 config). Every parameter is frozen; gradients
+    still flow through the mask decoder to the prompt tokens. As in the release the module
+    follows the model's train / eval mode: SAM2's mask decoder returns its single-mask token
+    in training and picks it by stability ("dynamic multimask") at inference.
     """
 
     def __init__(self, config_name: str, checkpoint: str = "", image_size: int = 1024):
@@ -45,7 +48,7 @@ class FrozenSAM2(nn.Module):
                 config_name,
                 ckpt_path=checkpoint or None,
                 device="cpu",
-                apply_postprocessing=False,
+                apply_postprocessing=True,
                 hydra_overrides_extra=[f"++model.image_size={image_size}"],
             )
         except Exception as error:
@@ -72,10 +75,6 @@ class FrozenSAM2(nn.Module):
         self.embed_dim = sam2.hidden_dim
         for param in self.parameters():
             param.requires_grad = False
-        self.eval()
-
-    def train(self, mode: bool = True) -> "FrozenSAM2":
-        return super().train(False)
 
     @torch.no_grad()
     def image_features(self, images: Tensor) -> Dict[str, Tensor]:
@@ -106,18 +105,21 @@ class FrozenSAM2(nn.Module):
         self,
         features: Dict[str, Tensor],
         image_index: int,
-        prompt_tokens: Tensor,
+        prompt_tokens: Optional[Tensor],
         mask_prompts: Optional[Tensor] = None,
     ) -> Tuple[Tensor, Tensor]:
-        """Masks of N prompts of one image, one sparse token each.
+        """Masks of N prompts of one image.
 
         Args:
             features: `image_features` output; `image_index` selects the image.
-            prompt_tokens: [N, C] sparse prompt embeddings.
+            prompt_tokens: [N, T, C] sparse prompt embeddings (T tokens per mask), or None for
+                no sparse prompt (the release's second stage uses the mask prompt alone).
             mask_prompts: optional [N, 1, S/4, S/4] mask logits used as dense prompts.
         Returns:
             mask logits [N, S/4, S/4] and predicted IoU [N] (single-mask output).
         """
+        if prompt_tokens is None:
+            prompt_tokens = mask_prompts.new_zeros((mask_prompts.shape[0], 0, self.embed_dim))
         image_embed = features["image_embed"][image_index : image_index + 1]
         high_res = [level[image_index : image_index + 1] for level in features["high_res_features"]]
         if mask_prompts is None:
@@ -129,7 +131,7 @@ class FrozenSAM2(nn.Module):
         masks, iou, _, _ = self.mask_decoder(
             image_embeddings=image_embed,
             image_pe=features["image_pe"],
-            sparse_prompt_embeddings=prompt_tokens[:, None],
+            sparse_prompt_embeddings=prompt_tokens,
             dense_prompt_embeddings=dense,
             multimask_output=False,
             repeat_image=True,
@@ -139,39 +141,47 @@ class FrozenSAM2(nn.Module):
 
 
 class SoftPromptLayer(nn.Module):
-    """Self-attention among a prompt's K queries, cross-attention from the queries to the
-    image embeddings only (keys carry SAM2's positional encoding), feed-forward; post-norm."""
+    """One layer of the soft-prompting transformer (Sec. 3.3, Fig. 4c), pre-norm as released:
+    self-attention among the queries, cross-attention from the queries to SAM2's level-3 image
+    embeddings (keys and values are the embeddings themselves, no positional encoding, as the
+    release), then a GELU MLP; each sub-layer is residual."""
 
     def __init__(self, dim: int, nheads: int, dim_feedforward: int, dropout: float):
         super().__init__()
-        self.self_attn = nn.MultiheadAttention(dim, nheads, dropout=dropout, batch_first=True)
-        self.cross_attn = nn.MultiheadAttention(dim, nheads, dropout=dropout, batch_first=True)
-        self.ffn = nn.Sequential(
-            nn.Linear(dim, dim_feedforward), nn.ReLU(inplace=True), nn.Dropout(dropout),
-            nn.Linear(dim_feedforward, dim),
-        )
         self.norm_self = nn.LayerNorm(dim)
+        self.self_attn = nn.MultiheadAttention(dim, nheads, dropout=dropout, batch_first=True)
         self.norm_cross = nn.LayerNorm(dim)
+        self.cross_attn = nn.MultiheadAttention(dim, nheads, dropout=dropout, batch_first=True)
         self.norm_ffn = nn.LayerNorm(dim)
+        self.ffn = nn.Sequential(
+            nn.Linear(dim, dim_feedforward), nn.GELU(), nn.Dropout(dropout),
+            nn.Linear(dim_feedforward, dim), nn.Dropout(dropout),
+        )
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, queries: Tensor, image_tokens: Tensor, image_pos: Tensor) -> Tensor:
-        """queries [P, K, C]; image_tokens, image_pos [P or 1, HW, C]."""
-        attended, _ = self.self_attn(queries, queries, queries, need_weights=False)
-        queries = self.norm_self(queries + self.dropout(attended))
-        keys = (image_tokens + image_pos).expand(queries.shape[0], -1, -1)
-        values = image_tokens.expand(queries.shape[0], -1, -1)
-        attended, _ = self.cross_attn(queries, keys, values, need_weights=False)
-        queries = self.norm_cross(queries + self.dropout(attended))
-        return self.norm_ffn(queries + self.dropout(self.ffn(queries)))
+    def forward(self, queries: Tensor, image_tokens: Tensor) -> Tensor:
+        """queries [B, N, C]; image_tokens [B, HW, C]."""
+        x = self.norm_self(queries)
+        queries = queries + self.dropout(self.self_attn(x, x, x, need_weights=False)[0])
+        x = self.norm_cross(queries)
+        attended = self.cross_attn(x, image_tokens, image_tokens, need_weights=False)[0]
+        queries = queries + self.dropout(attended)
+        return queries + self.ffn(self.norm_ffn(queries))
 
 
 class LanguagePromptAdapter(nn.Module):
-    """The trainable part of OpenWorldSAM: projector, tie-breakers, soft-prompting transformer.
+    """The trainable part of OpenWorldSAM (~4.5 M parameters at the released sizes).
 
-    ``forward(prompt_vectors [P, D_in], image_embed [C, h, w], image_pe [C, h, w])`` ->
-    queries [P, K, C]: MLP(prompt) + tie-breaker_k for k < K, refined by `num_layers`
-    SoftPromptLayers attending to the image embeddings of the prompt's image.
+    * projector (Sec. 3.1, "Prompt projection"): Linear(D, hidden) - ReLU - Linear(hidden, 256)
+      on the BEiT-3 vector p_lang (the release uses hidden = D = 1024);
+    * K positional tie-breakers t_k (Sec. 3.2, Eq. 1), N(0, 1)-initialised: q_k = u + t_k;
+    * soft-prompting transformer (Sec. 3.3): `num_layers` SoftPromptLayers giving T(q). As
+      released, the self-attention runs over the K queries of *every* prompt of the image in
+      one sequence (P x K tokens), so queries of different prompts see each other.
+
+    ``forward(prompt_vectors [P, D], image_embed [C, h, w])`` -> ``(queries, refined)``, both
+    [P, K, C]: q and T(q). How they become SAM2 prompt tokens (q + T(q) per query as the
+    paper, or the release's broadcast) is `sparse_prompt_tokens`.
     """
 
     def __init__(
@@ -196,26 +206,47 @@ class LanguagePromptAdapter(nn.Module):
                 f"{prompt_dim}."
             )
         self.projector = nn.Sequential(
-            nn.Linear(input_dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, prompt_dim)
+            nn.Linear(input_dim, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, prompt_dim)
         )
-        self.tie_breakers = nn.Embedding(num_tie_breakers, prompt_dim)
+        self.tie_breakers = nn.Parameter(torch.randn(num_tie_breakers, prompt_dim))
         self.layers = nn.ModuleList(
             SoftPromptLayer(prompt_dim, nheads, dim_feedforward, dropout) for _ in range(num_layers)
         )
 
     @property
     def num_tie_breakers(self) -> int:
-        return self.tie_breakers.num_embeddings
+        return self.tie_breakers.shape[0]
 
     def initial_queries(self, prompt_vectors: Tensor) -> Tensor:
-        """[P, K, C]: the projected prompt plus each of the K tie-breakers (Sec. 3.2)."""
+        """[P, K, C]: the projected prompt plus each of the K tie-breakers (Eq. 1)."""
         projected = self.projector(prompt_vectors)
-        return projected[:, None, :] + self.tie_breakers.weight[None]
+        return projected[:, None, :] + self.tie_breakers[None]
 
-    def forward(self, prompt_vectors: Tensor, image_embed: Tensor, image_pe: Tensor) -> Tensor:
+    def forward(self, prompt_vectors: Tensor, image_embed: Tensor) -> Tuple[Tensor, Tensor]:
         queries = self.initial_queries(prompt_vectors)
+        num_prompts, num_queries, dim = queries.shape
+        refined = queries.reshape(1, num_prompts * num_queries, dim)
         image_tokens = image_embed.flatten(1).transpose(0, 1)[None]
-        image_pos = image_pe.flatten(1).transpose(0, 1)[None]
         for layer in self.layers:
-            queries = layer(queries, image_tokens, image_pos)
-        return queries
+            refined = layer(refined, image_tokens)
+        return queries, refined.view(num_prompts, num_queries, dim)
+
+
+PROMPT_TOKEN_LAYOUTS = ("released", "per_query")
+
+
+def sparse_prompt_tokens(queries: Tensor, refined: Tensor, rows: slice, layout: str) -> Tensor:
+    """SAM2 sparse prompt tokens [n, T, C] of the masks `rows` of the N = P x K queries.
+
+    * "per_query" (paper, Sec. 3.3): mask i is decoded from the single token q_i + T(q)_i.
+    * "released": the release adds the transformer output [N, C] to the queries kept as
+      [N, 1, C]; broadcasting gives [N, N, C], so mask i is decoded from the N tokens
+      q_i + T(q)_j (j over every query of the image). The released weights were trained
+      (and the published numbers obtained) this way, hence the default.
+
+    Args:
+        queries, refined: [N, C] q and T(q) of one image (flattened over prompts and K).
+    """
+    if layout == "per_query":
+        return (queries[rows] + refined[rows])[:, None]
+    return queries[rows][:, None] + refined[None]

@@ -1,9 +1,9 @@
 """Frozen vision-language encoders that turn (image, language prompt) into one vector per prompt.
 
 OpenWorldSAM (Xiao et al. 2025, Sec. 3.1) conditions SAM2 on a pooled vision-language
-embedding of each prompt. The paper uses BEiT-3 (early fusion: image and text tokens in one
-multiway transformer). Offline, the default here is open_clip late fusion: the CLIP text
-embedding of the prompt concatenated with the CLIP embedding of the whole image.
+embedding of each prompt. The default is the paper's BEiT-3 early fusion (`beit3.py`); the
+open_clip late-fusion encoder here is the Table 4 ablation (the CLIP text embedding of the
+prompt concatenated with the CLIP embedding of the whole image).
 
 An encoder splits its work so that the image side runs once per image whatever the number of
 prompts: `image_context` (once per image), `vocabulary_features` / `text_features` (image
@@ -111,9 +111,7 @@ def build_vl_encoder(cfg) -> VisionLanguageEncoder:
     if name not in VL_ENCODER_REGISTRY:
         raise KeyError(
             f"cfg.MODEL.OPENWORLDSAM.VL_ENCODER={name!r} is not registered; available: "
-            f"{sorted(n for n, _ in VL_ENCODER_REGISTRY)}. The paper's BEiT-3 early-fusion "
-            "encoder needs the torchscale BEiT-3 model and a local checkpoint: register it in "
-            "VL_ENCODER_REGISTRY as a VisionLanguageEncoder."
+            f"{sorted(n for n, _ in VL_ENCODER_REGISTRY)}."
         )
     encoder = VL_ENCODER_REGISTRY.get(name).from_config(cfg)
     for param in encoder.parameters():

@@ -23,6 +23,7 @@ from detectron2.data.datasets.coco_panoptic import load_coco_panoptic_json
 
 from ..vocab import coco_panoptic_vocabulary
 from .common import register_lazy, require
+from .refcoco import refcocog_umd_image_ids
 
 PANOPTIC_CATEGORIES = sorted(COCO_CATEGORIES, key=lambda c: c["id"])  # things first
 PREPARE_SEMANTIC = "python datasets/prepare_coco_semantic_from_panoptic.py"
@@ -84,6 +85,15 @@ def load_coco_panoptic_with_sem_seg(paths: Dict[str, str], meta: dict) -> List[d
     return dicts
 
 
+def load_coco_panoptic_without_refcocog_val(
+    paths: Dict[str, str], meta: dict, root: Path
+) -> List[dict]:
+    """COCO train panoptic without the images of RefCOCOg-umd val (X-Decoder's
+    `filtrefgumdval` split, the training set of OpenWorldSAM, App. A.1)."""
+    excluded = refcocog_umd_image_ids(root, "val")
+    return [d for d in load_coco_panoptic_with_sem_seg(paths, meta) if d["image_id"] not in excluded]
+
+
 def load_coco_instances(paths: Dict[str, str], meta: dict) -> List[dict]:
     """Instance dicts with category ids mapped to COCO's 80 contiguous thing ids."""
     require(paths["image_root"], DOWNLOAD)
@@ -97,7 +107,8 @@ def load_coco_instances(paths: Dict[str, str], meta: dict) -> List[dict]:
 
 
 def register_all_coco(root: Path) -> None:
-    """Register `openseg_coco_2017_{train,val}_{panoptic,instance}` (lazy: no disk access)."""
+    """Register `openseg_coco_2017_{train,val}_{panoptic,instance}` and
+    `openseg_coco_2017_train_panoptic_filtrefgumdval` (lazy: no disk access)."""
     panoptic_meta = coco_panoptic_metadata()
     thing_count = len(panoptic_meta["thing_classes"])
     instance_meta = {
@@ -115,6 +126,14 @@ def register_all_coco(root: Path) -> None:
             **paths,
             evaluators=["panoptic", "semantic", "instance"],
         )
+        if split == "train":
+            register_lazy(
+                "openseg_coco_2017_train_panoptic_filtrefgumdval",
+                partial(load_coco_panoptic_without_refcocog_val, paths, panoptic_meta, root),
+                **panoptic_meta,
+                **paths,
+                evaluators=["panoptic", "semantic", "instance"],
+            )
         register_lazy(
             f"openseg_coco_2017_{split}_instance",
             partial(load_coco_instances, paths, panoptic_meta),

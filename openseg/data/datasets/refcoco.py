@@ -10,7 +10,7 @@ import json
 import pickle
 from functools import partial
 from pathlib import Path
-from typing import List
+from typing import List, Set
 
 from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES
 from detectron2.structures import BoxMode
@@ -71,6 +71,14 @@ def load_refcocog_umd(root: Path, split: str) -> List[dict]:
             f"{refs_file} has no references of split '{split}' (expected train/val/test)"
         )
     return dicts
+
+
+def refcocog_umd_image_ids(root: Path, split: str) -> Set[int]:
+    """COCO image ids of one RefCOCOg-umd split (e.g. the val images OpenWorldSAM and
+    X-Decoder leave out of COCO training)."""
+    refs_file = require(Path(root) / "refcoco" / "refcocog" / "refs(umd).p", _DOWNLOAD)
+    with open(refs_file, "rb") as f:
+        return {ref["image_id"] for ref in pickle.load(f) if ref["split"] == split}
 
 
 def register_all_refcoco(root: Path) -> None:
