@@ -43,6 +43,26 @@ def add_openseg_config(cfg: CN) -> None:
     cfg.MODEL.CLIP.FROZEN = True
     cfg.MODEL.CLIP.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
 
+    # Swin Transformer (openseg.modeling.backbones.swin, MODEL.BACKBONE.NAME "D2SwinTransformer");
+    # names and defaults of Mask2Former's release (Swin-T, ImageNet-1k 224 px)
+    cfg.MODEL.SWIN = CN()
+    cfg.MODEL.SWIN.PRETRAIN_IMG_SIZE = 224  # size of the absolute position embedding (APE)
+    cfg.MODEL.SWIN.PATCH_SIZE = 4
+    cfg.MODEL.SWIN.EMBED_DIM = 96
+    cfg.MODEL.SWIN.DEPTHS = [2, 2, 6, 2]
+    cfg.MODEL.SWIN.NUM_HEADS = [3, 6, 12, 24]
+    cfg.MODEL.SWIN.WINDOW_SIZE = 7
+    cfg.MODEL.SWIN.MLP_RATIO = 4.0
+    cfg.MODEL.SWIN.QKV_BIAS = True
+    cfg.MODEL.SWIN.QK_SCALE = None  # None = head_dim ** -0.5
+    cfg.MODEL.SWIN.DROP_RATE = 0.0
+    cfg.MODEL.SWIN.ATTN_DROP_RATE = 0.0
+    cfg.MODEL.SWIN.DROP_PATH_RATE = 0.3
+    cfg.MODEL.SWIN.APE = False
+    cfg.MODEL.SWIN.PATCH_NORM = True
+    cfg.MODEL.SWIN.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
+    cfg.MODEL.SWIN.USE_CHECKPOINT = False  # activation checkpointing of each block in training
+
     # ---------------------------------------------------------------- class text embeddings
     # openseg.modeling.text: mean over synonyms x templates, cached by (encoder, vocabulary)
     cfg.MODEL.TEXT_EMBEDDING = CN()
