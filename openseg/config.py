@@ -16,6 +16,9 @@ def add_openseg_config(cfg: CN) -> None:
     # ---------------------------------------------------------------- data
     cfg.INPUT.DATASET_MAPPER_NAME = "panoptic"  # panoptic | instance | semantic | panoptic_lsj | instance_lsj
     cfg.INPUT.SIZE_DIVISIBILITY = -1
+    # SSD-style photometric distortion in training (non-LSJ mappers), as Mask2Former's ADE20K /
+    # Cityscapes recipes (detectron2's point_rend ColorAugSSDTransform)
+    cfg.INPUT.COLOR_AUG_SSD = False
     cfg.INPUT.CROP.SINGLE_CATEGORY_MAX_AREA = 1.0
     # large-scale jitter (LSJ): square IMAGE_SIZE crops of images rescaled by [MIN, MAX]
     cfg.INPUT.IMAGE_SIZE = 1024
@@ -30,6 +33,13 @@ def add_openseg_config(cfg: CN) -> None:
     cfg.SOLVER.WEIGHT_DECAY_EMBED = 0.0
     cfg.SOLVER.POLY_LR_POWER = 0.9
     cfg.SOLVER.POLY_LR_CONSTANT_ENDING = 0.0
+
+    # MODEL.WEIGHTS is read by openseg.checkpoint.OpenSegCheckpointer (model-zoo .pkl, .pth,
+    # ImageNet backbones; layout detected) and must hold every key the model expects. Key
+    # prefixes listed here (openseg names) may be missing or shaped differently in the weights
+    # and keep their initialisation, e.g. ["transformer_decoder.class_predictor"] to fine-tune
+    # a released model with a new class head.
+    cfg.MODEL.WEIGHTS_ALLOW_MISSING = []
 
     # True for methods whose classifier embeds the test dataset's class names (any vocabulary);
     # False for a fixed MODEL.SEM_SEG_HEAD.NUM_CLASSES-way classifier

@@ -5,9 +5,11 @@ embedding and patch norm, one without either) run in eval mode on a non-square i
 size is a multiple of neither the patch nor the window, so the padding, the shifted-window
 mask, odd-size patch merging and the bicubic APE resize all matter. Saved per variant:
 the reference state dict (its own names), the MODEL.SWIN values, the input and res2..res5.
-Also saved: the same weights laid out as ImageNet classification weights pickled by
-Mask2Former's `tools/convert-pretrained-swin-model-to-d2.py` (with `head` / `norm`, without
-the detection-only `norm0..3`), for the loader test.
+Also saved, for the checkpoint-loader tests: the same weights laid out as ImageNet
+classification weights pickled by Mask2Former's `tools/convert-pretrained-swin-model-to-d2.py`
+(with `head` / `norm`, without the detection-only `norm0..3`), and the state dict of a whole
+tiny reference `MaskFormer` with that Swin as a model-zoo `.pkl` (numpy arrays under "model"),
+with the config values that build it.
 """
 import pickle
 from pathlib import Path
@@ -23,6 +25,18 @@ VARIANTS = {
                   APE=False, PATCH_NORM=False, PRETRAIN_IMG_SIZE=224, DROP_PATH_RATE=0.1),
 }
 INPUT_HW = (50, 77)
+# a whole tiny Mask2Former on the "plain" Swin; the same keys exist in openseg's config
+MASKFORMER_OPTIONS = {
+    "MODEL.SEM_SEG_HEAD.NUM_CLASSES": 4,
+    "MODEL.SEM_SEG_HEAD.CONVS_DIM": 32,
+    "MODEL.SEM_SEG_HEAD.MASK_DIM": 32,
+    "MODEL.SEM_SEG_HEAD.TRANSFORMER_ENC_LAYERS": 1,
+    "MODEL.MASK_FORMER.HIDDEN_DIM": 32,
+    "MODEL.MASK_FORMER.NUM_OBJECT_QUERIES": 5,
+    "MODEL.MASK_FORMER.NHEADS": 4,
+    "MODEL.MASK_FORMER.DIM_FEEDFORWARD": 64,
+    "MODEL.MASK_FORMER.DEC_LAYERS": 3,
+}
 
 
 def generate(reference_root: Path, out_dir: Path) -> None:
@@ -31,6 +45,8 @@ def generate(reference_root: Path, out_dir: Path) -> None:
     from detectron2.config import get_cfg
     from detectron2.layers import ShapeSpec
     from mask2former import add_maskformer2_config
+    from detectron2.modeling import build_model
+    from detectron2.projects.deeplab import add_deeplab_config
     from mask2former.modeling.backbone.swin import D2SwinTransformer
 
     for name, options in VARIANTS.items():
@@ -67,3 +83,21 @@ def generate(reference_root: Path, out_dir: Path) -> None:
     imagenet["layers.0.blocks.1.attn_mask"] = torch.zeros(4, 16, 16)
     with open(out_dir / "swin_plain_imagenet.pkl", "wb") as f:
         pickle.dump({"model": imagenet, "__author__": "third_party", "matching_heuristics": True}, f)
+
+    torch.manual_seed(1)
+    cfg = get_cfg()
+    add_deeplab_config(cfg)  # as the release's train_net.py sets up
+    add_maskformer2_config(cfg)
+    cfg.merge_from_file(str(reference_root / "facebookresearch__Mask2Former" / "configs" / "coco"
+                            / "panoptic-segmentation" / "maskformer2_R50_bs16_50ep.yaml"))
+    cfg.MODEL.BACKBONE.NAME = "D2SwinTransformer"
+    cfg.MODEL.DEVICE = "cpu"
+    for key, value in VARIANTS["plain"].items():
+        setattr(cfg.MODEL.SWIN, key, value)
+    cfg.merge_from_list([item for pair in MASKFORMER_OPTIONS.items() for item in pair])
+    maskformer = build_model(cfg)
+    state = {k: v.numpy() for k, v in maskformer.state_dict().items()}
+    with open(out_dir / "mask2former_swin_tiny.pkl", "wb") as f:
+        pickle.dump({"model": state, "__author__": "Mask2Former"}, f)
+    torch.save({"swin": VARIANTS["plain"], "options": MASKFORMER_OPTIONS},
+               out_dir / "mask2former_swin_tiny_config.pt")
