@@ -12,6 +12,7 @@ from .loader import (
     read_checkpoint_file,
     register_checkpoint_format,
 )
+from ..modeling.backbones.swin import with_release_buffers
 from .mask2former import openseg_to_reference, reference_to_openseg
 
 # Mask2Former's MaskFormer meta-architecture (model-zoo .pkl, .pth of its train_net.py):
@@ -20,7 +21,8 @@ register_checkpoint_format(CheckpointFormat(
     name="mask2former",
     detect=lambda keys: any(k.startswith("sem_seg_head.predictor.") for k in keys),
     to_openseg=reference_to_openseg,
-    from_openseg=openseg_to_reference,
+    # a Swin backbone gets back the index buffers the release saves (and openseg recomputes)
+    from_openseg=lambda state: openseg_to_reference(with_release_buffers(state)),
 ))
 
 __all__ = [

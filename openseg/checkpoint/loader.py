@@ -6,10 +6,11 @@ registered `CheckpointFormat` whose `detect` accepts its keys, and `to_openseg` 
 tensors. Built-in formats: openseg's own checkpoints, detectron2 ResNets (torchvision-converted
 ``R-50.pkl`` / ``R-101.pkl`` of Mask2Former's model zoo, and MSRA's Caffe2 ones), raw torchvision
 ResNet state dicts, and the Swin ImageNet weights Mask2Former's
-``tools/convert-pretrained-swin-model-to-d2.py`` writes. Full Mask2Former checkpoints are
-registered by `openseg.checkpoint.mask2former`; methods (FC-CLIP, SegPrompt, MAFT+) register
-their own with `register_checkpoint_format`, at a higher `priority` when their keys also
-look like Mask2Former's.
+``tools/convert-pretrained-swin-model-to-d2.py`` writes; any other file is compared with the
+model under its own names. Full Mask2Former checkpoints are registered by
+`openseg.checkpoint` (renaming with `openseg.checkpoint.mask2former`); methods (FC-CLIP,
+SegPrompt, MAFT+) register their own with `register_checkpoint_format`, at a higher
+`priority` when their keys also look like Mask2Former's.
 
 Loading (`OpenSegCheckpointer`) is strict where a silent partial load would be wrong:
   * a key of the model that the checkpoint should hold but does not (any key for a full-model
@@ -92,16 +93,13 @@ def register_checkpoint_format(checkpoint_format: CheckpointFormat) -> Checkpoin
     return checkpoint_format
 
 
-def detect_format(keys: Sequence[str], source: str = "<state dict>") -> CheckpointFormat:
-    """The registered format of highest priority that recognises `keys`."""
+def detect_format(keys: Sequence[str]) -> CheckpointFormat:
+    """The registered format of highest priority that recognises `keys` (openseg's own names
+    when no other does)."""
     for checkpoint_format in sorted(CHECKPOINT_FORMATS.values(), key=lambda f: -f.priority):
         if checkpoint_format.detect(keys):
             return checkpoint_format
-    raise CheckpointError(
-        f"{source}: unrecognised checkpoint layout (first keys: {list(keys)[:SHOWN_KEYS]}); "
-        f"known formats: {sorted(CHECKPOINT_FORMATS)}. A method's checkpoints need its package "
-        f"imported (openseg.projects.<name>) to register their format."
-    )
+    raise KeyError(f"no checkpoint format recognises the keys {list(keys)[:SHOWN_KEYS]}")
 
 
 # ------------------------------------------------------------------------------ reading files
@@ -185,7 +183,7 @@ def convert_to_openseg(state: StateDict, source: str = "<state dict>",
     """Rename `state` into openseg's names with the format named `format_name` (detected when
     None); keys openseg recomputes (`DERIVED_BUFFER_SUFFIXES`) are dropped."""
     if format_name is None:
-        checkpoint_format = detect_format(list(state), source)
+        checkpoint_format = detect_format(list(state))
     elif format_name in CHECKPOINT_FORMATS:
         checkpoint_format = CHECKPOINT_FORMATS[format_name]
     else:
@@ -357,13 +355,14 @@ def _strip_prefix(state: StateDict, prefix: str) -> StateDict:
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
-# openseg's own checkpoints (and any openseg-named state dict)
+# openseg's own checkpoints, of any method: the model's own names. Tried last, so a file no
+# other format recognises is compared with the model as it is (and fails naming the keys).
 register_checkpoint_format(CheckpointFormat(
     name="openseg",
-    detect=lambda keys: _has(keys, r"(pixel_decoder|transformer_decoder)\."),
+    detect=lambda keys: True,
     to_openseg=dict,
     from_openseg=dict,
-    priority=10,
+    priority=-100,
 ))
 
 # detectron2 ResNet (torchvision-converted R-50.pkl / R-101.pkl of Mask2Former's model zoo):

@@ -14,6 +14,7 @@ window size are zero-padded on the right / bottom; the shifted-window mask adds 
 layer-normalised per output stage (``norm<i>``); stochastic depth rises linearly from 0 to
 ``DROP_PATH_RATE`` over all blocks.
 """
+import math
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -36,6 +37,18 @@ def relative_position_index(window: int) -> Tensor:
     dy = ys[:, None] - ys[None, :] + window - 1
     dx = xs[:, None] - xs[None, :] + window - 1
     return dy * (2 * window - 1) + dx
+
+
+def with_release_buffers(state: Dict[str, Tensor]) -> Dict[str, Tensor]:
+    """`state` plus the ``relative_position_index`` buffer the Swin release saves next to each
+    ``relative_position_bias_table`` (openseg recomputes it), for writing release-format files."""
+    out = dict(state)
+    for key, table in state.items():
+        if key.endswith("attn.relative_position_bias_table"):
+            window = (math.isqrt(table.shape[0]) + 1) // 2
+            out[key.replace("relative_position_bias_table", "relative_position_index")] = (
+                relative_position_index(window))
+    return out
 
 
 def to_windows(x: Tensor, window: int) -> Tensor:
