@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests/fixtures/reference/swin"
 ZOO_PKL = FIXTURES / "mask2former_swin_tiny.pkl"
 R50_PANOPTIC = "configs/coco/maskformer/panoptic-segmentation/maskformer2_R50_bs16_50ep.yaml"
+R18 = ["MODEL.RESNETS.DEPTH", "18", "MODEL.RESNETS.RES2_OUT_CHANNELS", "64", "MODEL.RESNETS.NORM", "BN"]
 
 
 def tiny_swin_maskformer_cfg(*extra):
@@ -54,7 +55,11 @@ def snapshot(model):
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
-def assert_unchanged(model, before):
+def assert_load_fails(model, path, pattern, checkpointer=None):
+    """Loading `path` raises a CheckpointError matching `pattern` and changes no tensor."""
+    before = snapshot(model)
+    with pytest.raises(CheckpointError, match=pattern):
+        (checkpointer or OpenSegCheckpointer(model)).load(str(path))
     for key, value in model.state_dict().items():
         assert torch.equal(value, before[key]), f"{key} changed although loading failed"
 
@@ -94,11 +99,8 @@ def test_format_detection():
 def test_unknown_layout_fails_naming_the_keys(tmp_path, swin_maskformer):
     path = tmp_path / "other.pth"
     torch.save({"model": {"encoder.layer.0.weight": torch.zeros(3)}}, path)
-    before = snapshot(swin_maskformer)
-    with pytest.raises(CheckpointError, match=r"other\.pth \(read as 'openseg'\): \d+ keys the model "
-                                              r"needs are missing \(first: \['backbone\."):
-        OpenSegCheckpointer(swin_maskformer).load(str(path))
-    assert_unchanged(swin_maskformer, before)
+    assert_load_fails(swin_maskformer, path, r"other\.pth \(read as 'openseg'\): \d+ keys the model "
+                                              r"needs are missing \(first: \['backbone\.")
 
 
 @pytest.mark.parametrize("content", [b"\x00garbage\xff" * 100, b""])
@@ -106,23 +108,17 @@ def test_unknown_layout_fails_naming_the_keys(tmp_path, swin_maskformer):
 def test_garbage_bytes_name_the_file(tmp_path, swin_maskformer, content, suffix):
     path = tmp_path / f"weights{suffix}"
     path.write_bytes(content)
-    before = snapshot(swin_maskformer)
-    with pytest.raises(CheckpointError, match=f"not a PyTorch / detectron2 checkpoint: {path}"):
-        OpenSegCheckpointer(swin_maskformer).load(str(path))
-    assert_unchanged(swin_maskformer, before)
+    assert_load_fails(swin_maskformer, path, f"not a PyTorch / detectron2 checkpoint: {path}")
 
 
 def test_truncated_files_name_the_file(tmp_path, swin_maskformer):
-    before = snapshot(swin_maskformer)
     pkl = tmp_path / "cut.pkl"
     pkl.write_bytes(ZOO_PKL.read_bytes()[: ZOO_PKL.stat().st_size // 2])
     pth = tmp_path / "cut.pth"
     torch.save({"model": {k: torch.from_numpy(v) for k, v in reference_state().items()}}, pth)
     pth.write_bytes(pth.read_bytes()[:-5000])
     for path in (pkl, pth):
-        with pytest.raises(CheckpointError, match=f"not a PyTorch / detectron2 checkpoint: {path}"):
-            OpenSegCheckpointer(swin_maskformer).load(str(path))
-    assert_unchanged(swin_maskformer, before)
+        assert_load_fails(swin_maskformer, path, f"not a PyTorch / detectron2 checkpoint: {path}")
 
 
 def test_missing_file():
@@ -136,11 +132,8 @@ def test_missing_decoder_key_is_an_error_naming_it(tmp_path, swin_maskformer):
     path = tmp_path / "no_mask_embed.pkl"
     with open(path, "wb") as f:
         pickle.dump({"model": state, "__author__": "test"}, f)
-    before = snapshot(swin_maskformer)
-    with pytest.raises(CheckpointError, match=r"1 keys the model needs are missing.*"
-                                              r"transformer_decoder\.mask_embed\.layers\.2\.bias"):
-        OpenSegCheckpointer(swin_maskformer).load(str(path))
-    assert_unchanged(swin_maskformer, before)
+    assert_load_fails(swin_maskformer, path, r"1 keys the model needs are missing.*"
+                                             r"transformer_decoder\.mask_embed\.layers\.2\.bias")
 
 
 def test_new_class_head_needs_the_config_to_allow_it():
@@ -149,10 +142,9 @@ def test_new_class_head_needs_the_config_to_allow_it():
     cfg = tiny_swin_maskformer_cfg("MODEL.SEM_SEG_HEAD.NUM_CLASSES", "7")
     model = build_model(cfg)
     before = snapshot(model)
-    with pytest.raises(CheckpointError, match=re.escape(
-            "transformer_decoder.class_predictor.weight: checkpoint [5, 32] vs model [8, 32]")):
-        OpenSegCheckpointer.from_config(cfg, model).load(str(ZOO_PKL))
-    assert_unchanged(model, before)
+    assert_load_fails(model, ZOO_PKL, re.escape(
+        "transformer_decoder.class_predictor.weight: checkpoint [5, 32] vs model [8, 32]"),
+        OpenSegCheckpointer.from_config(cfg, model))
 
     cfg.MODEL.WEIGHTS_ALLOW_MISSING = ["transformer_decoder.class_predictor"]
     OpenSegCheckpointer.from_config(cfg, model).load(str(ZOO_PKL))
@@ -167,21 +159,15 @@ def test_new_class_head_needs_the_config_to_allow_it():
 def test_checkpoint_of_another_backbone_fails_naming_keys():
     """The Swin model-zoo checkpoint into the same Mask2Former on a ResNet-18: an error naming
     the missing backbone keys; nothing loaded (not even the matching heads)."""
-    model = build_model(tiny_swin_maskformer_cfg(
-        "MODEL.BACKBONE.NAME", "build_resnet_backbone", "MODEL.RESNETS.DEPTH", "18",
-        "MODEL.RESNETS.RES2_OUT_CHANNELS", "64", "MODEL.RESNETS.NORM", "BN"))
-    before = snapshot(model)
-    with pytest.raises(CheckpointError, match=r"mask2former_swin_tiny\.pkl \(read as 'mask2former'\): "
-                                              r"\d+ keys the model needs are missing \(first: \['backbone\.stem"):
-        OpenSegCheckpointer(model).load(str(ZOO_PKL))
-    assert_unchanged(model, before)
+    model = build_model(tiny_swin_maskformer_cfg("MODEL.BACKBONE.NAME", "build_resnet_backbone", *R18))
+    assert_load_fails(model, ZOO_PKL, r"mask2former_swin_tiny\.pkl \(read as 'mask2former'\): "
+                                      r"\d+ keys the model needs are missing \(first: \['backbone\.stem")
 
 
 # ------------------------------------------------------------------------------ ImageNet ResNets
 def r18_cfg():
     return load_config(str(ROOT / R50_PANOPTIC), [
-        "MODEL.DEVICE", "cpu", "MODEL.RESNETS.DEPTH", "18", "MODEL.RESNETS.RES2_OUT_CHANNELS", "64",
-        "MODEL.RESNETS.NORM", "BN", "DATASETS.TEST", "()", "DATASETS.TRAIN", "()"])
+        "MODEL.DEVICE", "cpu", *R18, "DATASETS.TEST", "()", "DATASETS.TRAIN", "()"])
 
 
 class BackboneOnly(torch.nn.Module):
