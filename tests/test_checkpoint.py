@@ -291,3 +291,19 @@ def test_convert_tool_round_trip_gives_the_release_file_back(tmp_path, swin_mask
         assert np.array_equal(released[key], value), key
     with pytest.raises(KeyError, match="no conversion from openseg to 'torchvision_resnet'"):
         tool.main([str(ours), str(tmp_path / "x.pkl"), "--to", "torchvision_resnet"])
+
+
+def test_reference_training_pth_with_extra_objects_loads(tmp_path, swin_maskformer):
+    """A .pth of the release's train_net.py: the model under "model" (tensors, release names)
+    next to optimizer / scheduler state and plain Python objects that torch's weights-only
+    unpickler rejects (here an argparse.Namespace)."""
+    import argparse
+
+    path = tmp_path / "model_0004999.pth"
+    state = {k: torch.from_numpy(v) for k, v in reference_state().items()}
+    torch.save({"model": state, "iteration": 4999, "scheduler": {"last_epoch": 4999},
+                "args": argparse.Namespace(num_gpus=8)}, path)
+    extra = OpenSegCheckpointer(swin_maskformer).load(str(path))
+    assert extra["iteration"] == 4999 and extra["args"].num_gpus == 8
+    assert torch.equal(swin_maskformer.state_dict()["transformer_decoder.query_embed.weight"],
+                       state["sem_seg_head.predictor.query_embed.weight"])
