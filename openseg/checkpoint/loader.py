@@ -120,18 +120,21 @@ def _torch_load(path: str) -> Any:
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
+def _pickle_load(path: str) -> Any:
+    with open(path, "rb") as f:
+        return pickle.load(f, encoding="latin1")  # model-zoo files pickled by Python 2 too
+
+
 def _read_raw(path: str) -> Any:
     """Unpickle `path` as detectron2 does for `.pkl` (latin1 pickle, else torch), torch else."""
     errors = (pickle.UnpicklingError, EOFError, RuntimeError, ValueError, TypeError,
               AttributeError, ImportError, IndexError, KeyError, UnicodeDecodeError, OSError)
-    loaders = [_torch_load]
-    if path.endswith(".pkl"):
-        loaders.insert(0, lambda p: pickle.load(open(p, "rb"), encoding="latin1"))
+    loaders = [_pickle_load, _torch_load] if path.endswith(".pkl") else [_torch_load]
     first_error: Optional[BaseException] = None
     for load in loaders:
         try:
             return load(path)
-        except errors as err:  # noqa: PERF203
+        except errors as err:
             first_error = first_error or err
     raise _not_a_checkpoint(path, first_error)
 
