@@ -16,6 +16,9 @@ def add_openseg_config(cfg: CN) -> None:
     # ---------------------------------------------------------------- data
     cfg.INPUT.DATASET_MAPPER_NAME = "panoptic"  # panoptic | instance | semantic | panoptic_lsj | instance_lsj
     cfg.INPUT.SIZE_DIVISIBILITY = -1
+    # SSD-style photometric distortion in training (non-LSJ mappers), as Mask2Former's ADE20K /
+    # Cityscapes recipes (detectron2's point_rend ColorAugSSDTransform)
+    cfg.INPUT.COLOR_AUG_SSD = False
     cfg.INPUT.CROP.SINGLE_CATEGORY_MAX_AREA = 1.0
     # large-scale jitter (LSJ): square IMAGE_SIZE crops of images rescaled by [MIN, MAX]
     cfg.INPUT.IMAGE_SIZE = 1024
@@ -31,6 +34,13 @@ def add_openseg_config(cfg: CN) -> None:
     cfg.SOLVER.POLY_LR_POWER = 0.9
     cfg.SOLVER.POLY_LR_CONSTANT_ENDING = 0.0
 
+    # MODEL.WEIGHTS is read by openseg.checkpoint.OpenSegCheckpointer (model-zoo .pkl, .pth,
+    # ImageNet backbones; layout detected) and must hold every key the model expects. Key
+    # prefixes listed here (openseg names) may be missing or shaped differently in the weights
+    # and keep their initialisation, e.g. ["transformer_decoder.class_predictor"] to fine-tune
+    # a released model with a new class head.
+    cfg.MODEL.WEIGHTS_ALLOW_MISSING = []
+
     # True for methods whose classifier embeds the test dataset's class names (any vocabulary);
     # False for a fixed MODEL.SEM_SEG_HEAD.NUM_CLASSES-way classifier
     cfg.MODEL.OPEN_VOCABULARY = False
@@ -42,6 +52,26 @@ def add_openseg_config(cfg: CN) -> None:
     cfg.MODEL.CLIP.PRETRAINED_PATH = ""
     cfg.MODEL.CLIP.FROZEN = True
     cfg.MODEL.CLIP.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
+
+    # Swin Transformer (openseg.modeling.backbones.swin, MODEL.BACKBONE.NAME "D2SwinTransformer");
+    # names and defaults of Mask2Former's release (Swin-T, ImageNet-1k 224 px)
+    cfg.MODEL.SWIN = CN()
+    cfg.MODEL.SWIN.PRETRAIN_IMG_SIZE = 224  # size of the absolute position embedding (APE)
+    cfg.MODEL.SWIN.PATCH_SIZE = 4
+    cfg.MODEL.SWIN.EMBED_DIM = 96
+    cfg.MODEL.SWIN.DEPTHS = [2, 2, 6, 2]
+    cfg.MODEL.SWIN.NUM_HEADS = [3, 6, 12, 24]
+    cfg.MODEL.SWIN.WINDOW_SIZE = 7
+    cfg.MODEL.SWIN.MLP_RATIO = 4.0
+    cfg.MODEL.SWIN.QKV_BIAS = True
+    cfg.MODEL.SWIN.QK_SCALE = None  # None = head_dim ** -0.5
+    cfg.MODEL.SWIN.DROP_RATE = 0.0
+    cfg.MODEL.SWIN.ATTN_DROP_RATE = 0.0
+    cfg.MODEL.SWIN.DROP_PATH_RATE = 0.3
+    cfg.MODEL.SWIN.APE = False
+    cfg.MODEL.SWIN.PATCH_NORM = True
+    cfg.MODEL.SWIN.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
+    cfg.MODEL.SWIN.USE_CHECKPOINT = False  # activation checkpointing of each block in training
 
     # ---------------------------------------------------------------- class text embeddings
     # openseg.modeling.text: mean over synonyms x templates, cached by (encoder, vocabulary)

@@ -16,7 +16,6 @@ from typing import List
 import cv2
 import torch
 import tqdm
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import Metadata, MetadataCatalog
 from detectron2.data import transforms as T
 from detectron2.data.detection_utils import read_image
@@ -24,6 +23,7 @@ from detectron2.modeling import build_model
 from detectron2.utils.logger import setup_logger
 
 import openseg  # noqa: F401  (registers datasets and architectures)
+from openseg.checkpoint import OpenSegCheckpointer
 from openseg.config import load_config
 from openseg.data.vocab import register_vocabulary
 from openseg.utils.visualization import draw_prediction
@@ -81,7 +81,7 @@ def main(argv=None) -> List[Path]:
     cfg.freeze()
 
     model = build_model(cfg).eval()
-    DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+    OpenSegCheckpointer.from_config(cfg, model).load(cfg.MODEL.WEIGHTS)
     if cfg.MODEL.MASK_FORMER.CLASS_AGNOSTIC:
         metadata = Metadata(thing_classes=["object"])
     else:

@@ -26,7 +26,6 @@ from typing import Dict, List, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode
 from detectron2.data import MetadataCatalog, build_detection_test_loader
 from detectron2.evaluation import inference_on_dataset
@@ -36,6 +35,7 @@ from tabulate import tabulate
 from torch import Tensor
 
 import openseg  # noqa: F401  (registers datasets, architectures, projects' configs)
+from openseg.checkpoint import OpenSegCheckpointer
 from openseg.config import load_config
 from openseg.data.mappers import build_mapper
 from openseg.data.vocab import get_vocabulary
@@ -92,7 +92,7 @@ def evaluate_oracles(cfg: CfgNode, output_dir: str) -> Tuple[List[Dict], List[Di
     the per-class rows of the variant without oracles."""
     dataset = cfg.DATASETS.TEST[0]
     model = build_model(cfg).eval()
-    DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+    OpenSegCheckpointer.from_config(cfg, model).load(cfg.MODEL.WEIGHTS)
     if not hasattr(model, "oracles"):
         raise TypeError(
             f"{type(model).__name__} has no `oracles`: the study needs an OpenSegMaskFormer "

@@ -9,13 +9,13 @@ Evaluators come from the test dataset's metadata (`evaluators`) unless TEST.EVAL
 """
 import logging
 
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 import openseg  # noqa: F401  (registers datasets, architectures and evaluators)
+from openseg.checkpoint import OpenSegCheckpointer
 from openseg.config import load_config
 from openseg.engine import Trainer
 
@@ -33,7 +33,7 @@ def main(args):
     cfg = setup(args)
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+        OpenSegCheckpointer.from_config(cfg, model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
             cfg.MODEL.WEIGHTS, resume=args.resume
         )
         results = Trainer.test(cfg, model)

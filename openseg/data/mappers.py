@@ -25,6 +25,7 @@ from detectron2.config import CfgNode, configurable
 from detectron2.data import MetadataCatalog
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
+from detectron2.projects.point_rend import ColorAugSSDTransform
 from detectron2.structures import BitMasks, Instances
 from detectron2.utils.registry import Registry
 from panopticapi.utils import rgb2id
@@ -103,7 +104,8 @@ def transform_masks(
 def build_standard_augmentation(
     cfg: CfgNode, category_area_constraint: bool
 ) -> List[T.Augmentation]:
-    """ResizeShortestEdge, optional random crop, flip (Mask2Former's ADE20K / Cityscapes recipe).
+    """ResizeShortestEdge, optional random crop, optional SSD colour jitter
+    (INPUT.COLOR_AUG_SSD), flip (Mask2Former's ADE20K / Cityscapes recipe).
 
     With `category_area_constraint` the crop avoids windows where one class covers more than
     INPUT.CROP.SINGLE_CATEGORY_MAX_AREA of the pixels (needs a semantic map)."""
@@ -124,6 +126,8 @@ def build_standard_augmentation(
             )
         else:
             augmentations.append(T.RandomCrop(cfg.INPUT.CROP.TYPE, cfg.INPUT.CROP.SIZE))
+    if cfg.INPUT.COLOR_AUG_SSD:
+        augmentations.append(ColorAugSSDTransform(img_format=cfg.INPUT.FORMAT))
     return augmentations + _flip(cfg)
 
 

@@ -7,9 +7,11 @@ from .clip import (
     OpenCLIPViTBackbone,
     build_openclip_backbone,
 )
+from .swin import D2SwinTransformer
 
 __all__ = [
     "CLIP_DENSE_INPUT",
+    "D2SwinTransformer",
     "OpenCLIPBackbone",
     "OpenCLIPConvNeXtBackbone",
     "OpenCLIPViTBackbone",
