@@ -360,9 +360,12 @@ class MSDeformAttnPixelDecoder(nn.Module):
         weight_init.c2_xavier_fill(self.mask_features)
         self.maskformer_num_feature_levels = 3
 
-        # FPN path for inputs finer than the encoder levels, finest last
+        # FPN path for inputs finer than the encoder levels. As in the release, the lateral /
+        # output convolutions are listed finest first (its adapter_1, layer_1, ...) and run
+        # coarsest first
         self.fpn_in_features = [
-            k for k, shape in ordered if common_stride <= shape.stride < finest_transformer_stride
+            k for k, shape in reversed(ordered)
+            if common_stride <= shape.stride < finest_transformer_stride
         ]
         use_bias = norm == ""
         self.lateral_convs = nn.ModuleList()
@@ -435,9 +438,9 @@ class MSDeformAttnPixelDecoder(nn.Module):
             height, width = spatial_shapes[level].tolist()
             outputs.append(memory[:, start:end].transpose(1, 2).reshape(batch, -1, height, width))
 
-        for name, lateral_conv, output_conv in zip(
+        for name, lateral_conv, output_conv in reversed(list(zip(
             self.fpn_in_features, self.lateral_convs, self.output_convs
-        ):
+        ))):
             lateral = lateral_conv(features[name])
             upsampled = F.interpolate(
                 outputs[-1], size=lateral.shape[-2:], mode="bilinear", align_corners=False
