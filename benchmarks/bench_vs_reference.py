@@ -384,7 +384,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="post-processing at inference: comma-separated of panoptic,semantic,instance")
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                         help="mixed-precision training step (default: on for CUDA, as released)")
-    parser.add_argument("--logit-scale", type=float, default=10.0,
+    parser.add_argument("--logit-scale", type=float, default=20.0,
                         help="class-head weight scale so that some queries are confident")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: one size (256), one thread setting, 2 repeats, batch 1")
