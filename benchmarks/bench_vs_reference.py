@@ -49,8 +49,6 @@ from detectron2.structures import Instances
 from tabulate import tabulate
 from torch import nn
 
-import openseg.modeling.losses as openseg_losses
-import openseg.modeling.matcher as openseg_matcher
 from openseg.checkpoint.mask2former import reference_to_openseg
 from openseg.config import load_config
 from openseg.engine.optimizer import build_optimizer
@@ -262,8 +260,9 @@ def measure(
     """Interleaved timings and one memory measurement per side and phase."""
     results = {side: {m: [] for m in MEASURES} for side in SIDES}
     for phase in ("train", "inference"):
+        method = "train_step" if phase == "train" else "inference"
         calls = {
-            side: functools.partial(getattr(runner, "train_step" if phase == "train" else "inference"), inputs)
+            side: functools.partial(getattr(runner, method), inputs)
             for side, runner in runners.items()
         }
         for _ in range(warmup):  # first calls allocate optimizer state and caches
@@ -278,21 +277,30 @@ def measure(
 
 
 # ------------------------------------------------------------------ profile
-_OPENSEG_PARTS = {
-    "backbone": ("backbone", "forward"),
-    "pixel decoder": ("pixel_decoder", "forward_features"),
-    "transformer decoder": ("transformer_decoder", "forward"),
-    "criterion (incl. matcher)": ("criterion", "forward"),
-    "matcher": ("criterion.matcher", "forward"),
-    "post-processing": ("", "postprocess"),
+# label -> (path of a submodule, attribute, whether the attribute is a global of the Python
+# module defining that submodule's class, e.g. a function it calls) for each side
+_Part = Tuple[str, str, bool]
+_PARTS: Dict[str, Dict[str, _Part]] = {
+    "backbone": {"openseg": ("backbone", "forward", False),
+                 "reference": ("backbone", "forward", False)},
+    "pixel decoder": {"openseg": ("pixel_decoder", "forward_features", False),
+                      "reference": ("sem_seg_head.pixel_decoder", "forward_features", False)},
+    "transformer decoder": {"openseg": ("transformer_decoder", "forward", False),
+                            "reference": ("sem_seg_head.predictor", "forward", False)},
+    "criterion (incl. matcher)": {"openseg": ("criterion", "forward", False),
+                                  "reference": ("criterion", "forward", False)},
+    "matcher": {"openseg": ("criterion.matcher", "forward", False),
+                "reference": ("criterion.matcher", "forward", False)},
+    "point sampling (matcher)": {"openseg": ("criterion.matcher", "point_sample", True),
+                                 "reference": ("criterion.matcher", "point_sample", True)},
+    "point sampling (loss)": {
+        "openseg": ("criterion", "get_uncertain_point_coords_with_randomness", True),
+        "reference": ("criterion", "get_uncertain_point_coords_with_randomness", True),
+    },
+    "panoptic rule": {"openseg": ("", "panoptic_inference", True),
+                      "reference": ("", "panoptic_inference", False)},
 }
-_REFERENCE_PARTS = {
-    "backbone": ("backbone", "forward"),
-    "pixel decoder": ("sem_seg_head.pixel_decoder", "forward_features"),
-    "transformer decoder": ("sem_seg_head.predictor", "forward"),
-    "criterion (incl. matcher)": ("criterion", "forward"),
-    "matcher": ("criterion.matcher", "forward"),
-}
+_STEP_PARTS = ("forward+loss", "backward", "optimizer")
 
 
 @contextlib.contextmanager
@@ -317,31 +325,28 @@ def _labelled(target: object, attribute: str, label: str) -> Iterator[None]:
 
 
 def _part_labels(model: nn.Module, side: str) -> contextlib.ExitStack:
+    """Label every part of `_PARTS` that this side's model has."""
     stack = contextlib.ExitStack()
-    for label, (path, attribute) in (_OPENSEG_PARTS if side == "openseg" else _REFERENCE_PARTS).items():
-        stack.enter_context(_labelled(model.get_submodule(path), attribute, label))
-    if side == "openseg":
-        stack.enter_context(_labelled(openseg_losses, "get_uncertain_point_coords_with_randomness",
-                                      "point sampling (loss)"))
-        stack.enter_context(_labelled(openseg_matcher, "point_sample", "point sampling (matcher)"))
-    else:
-        criterion = sys.modules[type(model.criterion).__module__]
-        matcher = sys.modules[type(model.criterion.matcher).__module__]
-        stack.enter_context(_labelled(criterion, "get_uncertain_point_coords_with_randomness",
-                                      "point sampling (loss)"))
-        stack.enter_context(_labelled(matcher, "point_sample", "point sampling (matcher)"))
+    for label, sides in _PARTS.items():
+        path, attribute, module_global = sides[side]
+        target = model.get_submodule(path)
+        if module_global:
+            target = sys.modules[type(target).__module__]
+        if hasattr(target, attribute):
+            stack.enter_context(_labelled(target, attribute, label))
     return stack
 
 
-def profile_shares(runner: Runner, side: str, inputs: List[Dict], device: str) -> Tuple[Dict[str, float], str]:
+def profile_shares(
+    runner: Runner, side: str, inputs: List[Dict], device: str
+) -> Tuple[Dict[str, float], str]:
     """Share of each labelled part in one training step and one inference call, and the
     top operators (self time) of the training step."""
+    cuda = device.startswith("cuda")
     activities = [torch.profiler.ProfilerActivity.CPU]
-    if device.startswith("cuda"):
+    if cuda:
         activities.append(torch.profiler.ProfilerActivity.CUDA)
-    time_key = "device_time_total" if device.startswith("cuda") else "cpu_time_total"
-    shares = {}
-    top_ops = ""
+    shares, top_ops = {}, ""
     with _part_labels(runner.model, side):
         for phase in ("train", "inference"):
             call = runner.train_step if phase == "train" else runner.inference
@@ -349,14 +354,15 @@ def profile_shares(runner: Runner, side: str, inputs: List[Dict], device: str) -
                 with torch.profiler.record_function("total"):
                     call(inputs)
                 _synchronize(device)
-            averages = {event.key: getattr(event, time_key) for event in prof.key_averages()}
-            for label, value in averages.items():
-                if label == "total" or (label in {"forward+loss", "backward", "optimizer"} and phase == "train") \
-                        or label in _OPENSEG_PARTS or label in _REFERENCE_PARTS or label.startswith("point sampling"):
-                    shares[f"{phase}: {label}"] = value / averages["total"]
+            averages = prof.key_averages()
+            times = {e.key: e.device_time_total if cuda else e.cpu_time_total for e in averages}
+            labels = [*(_STEP_PARTS if phase == "train" else ()), *_PARTS]
+            for label in labels:
+                if label in times:
+                    shares[f"{phase}: {label}"] = times[label] / times["total"]
             if phase == "train":
-                top_ops = prof.key_averages().table(
-                    sort_by="self_cuda_time_total" if device.startswith("cuda") else "self_cpu_time_total",
+                top_ops = averages.table(
+                    sort_by="self_device_time_total" if cuda else "self_cpu_time_total",
                     row_limit=15,
                 )
     return shares, top_ops
@@ -376,12 +382,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="square image sizes (comma-separated), multiples of 32")
     parser.add_argument("--threads", type=_parse_ints, default=[1, 2],
                         help="torch intra-op threads (comma-separated)")
-    parser.add_argument("--batch", type=int, default=2, help="images per step (released: 2 per GPU)")
+    parser.add_argument("--batch", type=int, default=2,
+                        help="images per step (released: 2 per GPU)")
     parser.add_argument("--segments", type=int, default=12, help="ground-truth segments per image")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--tasks", default="panoptic",
-                        help="post-processing at inference: comma-separated of panoptic,semantic,instance")
+                        help="post-processing at inference: panoptic[,semantic][,instance]")
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                         help="mixed-precision training step (default: on for CUDA, as released)")
     parser.add_argument("--logit-scale", type=float, default=20.0,
@@ -399,14 +406,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.tasks = [t for t in args.tasks.split(",") if t]
     unknown = set(args.tasks) - {"panoptic", "semantic", "instance"}
     if unknown or "panoptic" not in args.tasks:
-        parser.error(f"--tasks {','.join(args.tasks)}: panoptic is required, others from semantic,instance")
+        parser.error(f"--tasks {','.join(args.tasks)}: panoptic[,semantic][,instance]")
     if args.amp is None:
         args.amp = args.device.startswith("cuda")
     if args.amp and not args.device.startswith("cuda"):
         parser.error("--amp needs --device cuda (detectron2's AMPTrainer is CUDA-only)")
     bad = [s for s in args.sizes if s % 32]
     if bad:
-        parser.error(f"--sizes {bad}: use multiples of 32 (SIZE_DIVISIBILITY) so no padding differs")
+        parser.error(f"--sizes {bad}: use multiples of 32 (SIZE_DIVISIBILITY), so neither pads")
     return args
 
 
@@ -419,7 +426,9 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING)
     _register_metadata()
     torch.manual_seed(0)
-    reference_model, reference_optimizer = build_reference(args.reference_root, args.device, args.tasks)
+    reference_model, reference_optimizer = build_reference(
+        args.reference_root, args.device, args.tasks
+    )
     openseg_model, openseg_optimizer = build_openseg(args.device, args.tasks)
     share_weights(reference_model, openseg_model, args.logit_scale)
     runners = {
@@ -449,6 +458,7 @@ def main(argv=None) -> int:
                 rows.append([size, threads, m, shown(ours), shown(theirs), f"{ratio:.3f}"])
         print(f"{size}px panoptic outputs: {agreement}")
         if args.profile:
+            torch.set_num_threads(args.threads[0])
             for side in SIDES:
                 shares, top_ops = profile_shares(runners[side], side, inputs, args.device)
                 print(f"\n{side} at {size}px, {torch.get_num_threads()} threads: share of total")

@@ -18,6 +18,7 @@ from openseg.modeling.pixel_decoder import MSDeformAttn
 
 SHAPES = [(3, 5), (2, 3)]  # non-square levels
 STARTS = [0, 15]
+COMPILED_MESSAGE = "MSDeformAttn: compiled MultiScaleDeformableAttention CUDA op"
 
 
 def _bilinear_gather(value, spatial_shapes, level_start_index, locations, weights):
@@ -59,7 +60,8 @@ class _StubOp:
         assert value.dtype in (torch.float32, torch.float64)
         assert value.shape[0] % step == 0 and step <= 128
 
-    def ms_deform_attn_forward(self, value, spatial_shapes, level_start_index, locations, weights, step):
+    def ms_deform_attn_forward(self, value, spatial_shapes, level_start_index, locations, weights,
+                               step):
         self._check(value, spatial_shapes, level_start_index, locations, weights, step)
         self.forward_calls.append(
             dict(value=value, spatial_shapes=spatial_shapes, level_start_index=level_start_index,
@@ -164,7 +166,7 @@ def test_compiled_op_on_cuda_matches_pytorch_path(monkeypatch, fresh_dispatch):
     assert grads.keys() == expected_grads.keys()
     for name in grads:
         torch.testing.assert_close(grads[name], expected_grads[name], atol=1e-5, rtol=0, msg=name)
-    assert fresh_dispatch.messages[-1] == "MSDeformAttn: compiled MultiScaleDeformableAttention CUDA op"
+    assert fresh_dispatch.messages[-1] == COMPILED_MESSAGE
 
 
 def test_cpu_tensors_use_pytorch_path_even_when_op_is_built(monkeypatch, fresh_dispatch):
@@ -199,7 +201,7 @@ def test_choice_is_logged_once(monkeypatch, fresh_dispatch):
     for _ in range(3):
         attn(*inputs).sum().backward()
     assert len(stub.forward_calls) == 3
-    assert fresh_dispatch.messages == ["MSDeformAttn: compiled MultiScaleDeformableAttention CUDA op"]
+    assert fresh_dispatch.messages == [COMPILED_MESSAGE]
 
 
 def test_half_precision_runs_kernel_in_float32(monkeypatch, fresh_dispatch):
@@ -221,6 +223,8 @@ def test_half_precision_runs_kernel_in_float32(monkeypatch, fresh_dispatch):
     torch.testing.assert_close(out, expected.half())
 
 
-@pytest.mark.parametrize("batch,step", [(1, 1), (3, 3), (128, 128), (200, 100), (256, 128), (131, 1)])
+@pytest.mark.parametrize(
+    "batch,step", [(1, 1), (3, 3), (128, 128), (200, 100), (256, 128), (131, 1)]
+)
 def test_im2col_step_divides_batch(batch, step):
     assert op._im2col_step(batch) == step
