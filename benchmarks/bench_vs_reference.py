@@ -421,6 +421,10 @@ def _format_bytes(value: float) -> str:
     return f"{value / 2**20:.0f} MiB"
 
 
+def _format_seconds(value: float) -> str:
+    return f"{value * 1000:.0f} ms"
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -441,22 +445,22 @@ def main(argv=None) -> int:
           f"load average {load:.2f} on {os.cpu_count()} CPUs")
 
     rows, failures = [], []
+    headers = ["size", "threads", "measure", "openseg", "reference", "ratio (openseg/ref)"]
     for size in args.sizes:
         inputs = synthetic_batch(args.batch, size, args.segments, seed=size)
         agreement = panoptic_agreement(runners["openseg"].inference(inputs),
                                        runners["reference"].inference(inputs))
+        print(f"{size}px panoptic outputs: {agreement}")
         for threads in args.threads:
             torch.set_num_threads(threads)
             results = measure(runners, inputs, args.repeats, args.warmup, args.device)
-            ratios = {f"{m}@{size}px/{threads}t": paired_median_ratio(results["openseg"][m],
-                                                                     results["reference"][m])
-                      for m in MEASURES}
-            failures += ratios_over_limit(ratios, args.limit)
-            for m, (name, ratio) in zip(MEASURES, ratios.items()):
-                ours, theirs = (statistics.median(results[s][m]) for s in SIDES)
-                shown = _format_bytes if m.endswith("memory") else (lambda v: f"{v * 1000:.0f} ms")
+            for m in MEASURES:
+                ratio = paired_median_ratio(results["openseg"][m], results["reference"][m])
+                failures += ratios_over_limit({f"{m}@{size}px/{threads}t": ratio}, args.limit)
+                ours, theirs = (statistics.median(results[side][m]) for side in SIDES)
+                shown = _format_bytes if m.endswith("memory") else _format_seconds
                 rows.append([size, threads, m, shown(ours), shown(theirs), f"{ratio:.3f}"])
-        print(f"{size}px panoptic outputs: {agreement}")
+            print(tabulate(rows[-len(MEASURES):], headers=headers), flush=True)
         if args.profile:
             torch.set_num_threads(args.threads[0])
             for side in SIDES:
@@ -465,11 +469,10 @@ def main(argv=None) -> int:
                 print(tabulate([[k, f"{100 * v:.1f} %"] for k, v in shares.items()],
                                headers=["part", "share"]))
                 if side == "openseg":
-                    print(top_ops)
+                    print(top_ops, flush=True)
     load_after = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(tabulate(rows, headers=["size", "threads", "measure", "openseg", "reference",
-                                  "ratio (openseg/ref)"]))
-    print(f"load average at the end {load_after:.2f}")
+    print(f"\nall settings (load average at the end {load_after:.2f}):")
+    print(tabulate(rows, headers=headers))
     if args.check and failures:
         print(f"CHECK FAILED: ratios above {args.limit}: {', '.join(failures)}")
         return 1
