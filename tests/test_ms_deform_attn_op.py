@@ -97,8 +97,13 @@ def fresh_dispatch(monkeypatch):
     monkeypatch.setattr(op, "_logged_choices", set())
     records = _Records()
     op.logger.addHandler(records)
-    monkeypatch.setattr(op.logger, "level", logging.INFO)
+    # other tests' libraries may disable existing loggers (logging.config) or all logging
+    monkeypatch.setattr(op.logger, "disabled", False)
+    monkeypatch.setattr(logging.root.manager, "disable", logging.NOTSET)
+    level = op.logger.level
+    op.logger.setLevel(logging.INFO)  # setLevel also drops the loggers' cached decisions
     yield records
+    op.logger.setLevel(level)
     op.logger.removeHandler(records)
     op.compiled_op.cache_clear()
 
