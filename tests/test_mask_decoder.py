@@ -174,3 +174,18 @@ def test_gradients_flow_and_bad_group_rejected():
             mask_features,
             extra_groups=[QueryGroup(torch.randn(1, 2, HIDDEN), torch.randn(1, 2, HIDDEN))],
         )
+
+
+def test_decoder_has_no_dropout_whatever_model_dropout():
+    """Sec. 3.2.3 removes dropout from the decoder; MASK_FORMER.DROPOUT (the release's default
+    0.1) only reaches the pixel decoder, as in the release."""
+    cfg = get_cfg()
+    add_openseg_config(cfg)
+    cfg.MODEL.MASK_FORMER.DROPOUT = 0.1
+    cfg.MODEL.MASK_FORMER.HIDDEN_DIM = HIDDEN
+    cfg.MODEL.MASK_FORMER.NHEADS = 2
+    cfg.MODEL.SEM_SEG_HEAD.MASK_DIM = HIDDEN
+    decoder = build_transformer_decoder(cfg, in_channels=HIDDEN)
+    rates = [m.p for m in decoder.modules() if isinstance(m, torch.nn.Dropout)]
+    rates += [m.dropout for m in decoder.modules() if isinstance(m, torch.nn.MultiheadAttention)]
+    assert rates and all(rate == 0.0 for rate in rates)

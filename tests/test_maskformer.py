@@ -184,3 +184,26 @@ def test_class_agnostic_mode():
         instances = out["instances"]
         assert instances.image_size == (x["height"], x["width"])
         assert len(instances) == 5 and instances.pred_classes.tolist() == [0] * 5
+
+
+@pytest.mark.parametrize("divisibility, expected", [(-1, 16), (0, 0), (32, 32)])
+def test_size_divisibility_follows_the_release(divisibility, expected, monkeypatch):
+    """MASK_FORMER.SIZE_DIVISIBILITY: negative defers to the backbone (here one that asks
+    for 16), 0 pads nothing, as in Mask2Former's MaskFormer."""
+    from detectron2.modeling.backbone import ResNet
+
+    monkeypatch.setattr(ResNet, "size_divisibility", property(lambda self: 16))
+    cfg = tiny_cfg()
+    cfg.MODEL.MASK_FORMER.SIZE_DIVISIBILITY = divisibility
+    assert build_model(cfg).size_divisibility == expected
+
+
+def test_semantic_scores_use_resized_masks_when_panoptic_or_instance_is_on():
+    """As the release: with panoptic or instance output on, masks are resized to the output
+    size before semantic inference even if SEM_SEG_POSTPROCESSING_BEFORE_INFERENCE is False."""
+    for panoptic, instance, expected in [(True, False, True), (False, True, True), (False, False, False)]:
+        cfg = tiny_cfg()
+        cfg.MODEL.MASK_FORMER.TEST.PANOPTIC_ON = panoptic
+        cfg.MODEL.MASK_FORMER.TEST.INSTANCE_ON = instance
+        cfg.MODEL.MASK_FORMER.TEST.SEM_SEG_POSTPROCESSING_BEFORE_INFERENCE = False
+        assert build_model(cfg).sem_seg_postprocess_before_inference is expected

@@ -131,3 +131,35 @@ def test_invalid_arguments():
     outputs = {"pred_logits": torch.randn(2, 3, 4), "pred_masks": torch.randn(2, 3, 4, 4)}
     with pytest.raises(ValueError, match="target dicts"):
         matcher(outputs, [{"labels": torch.tensor([0]), "masks": torch.ones(1, 4, 4)}])
+
+
+def test_mask_costs_stay_float32_under_autocast():
+    """The release computes the matching costs with autocast disabled; bfloat16 matmuls would
+    change which query a target is matched to."""
+    torch.manual_seed(0)
+    matcher = HungarianMatcher(cost_class=2.0, cost_mask=5.0, cost_dice=5.0, num_points=50)
+    logits, masks = torch.randn(6, 4), torch.randn(6, 12, 12) * 3
+    labels, tgt_masks = torch.tensor([0, 2]), torch.rand(2, 12, 12) > 0.5
+    points = torch.rand(50, 2)
+    expected = matcher.cost_matrix(logits, masks, labels, tgt_masks, point_coords=points)
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        mixed = matcher.cost_matrix(logits, masks, labels, tgt_masks, point_coords=points)
+    assert mixed.dtype == torch.float32
+    torch.testing.assert_close(mixed, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_points_are_drawn_like_the_release():
+    """One torch.rand(1, P, 2) per image, also for an image without targets, so a seeded run
+    draws the same points as Mask2Former's matcher."""
+    matcher = HungarianMatcher(num_points=7)
+    outputs = {"pred_logits": torch.randn(2, 3, 4), "pred_masks": torch.randn(2, 3, 8, 8)}
+    targets = [
+        {"labels": torch.zeros(0, dtype=torch.int64), "masks": torch.zeros(0, 8, 8)},
+        {"labels": torch.tensor([1]), "masks": torch.ones(1, 8, 8)},
+    ]
+    torch.manual_seed(3)
+    matcher(outputs, targets)
+    after_matching = torch.rand(1)
+    torch.manual_seed(3)
+    torch.rand(1, 7, 2), torch.rand(1, 7, 2)
+    assert torch.equal(torch.rand(1), after_matching)

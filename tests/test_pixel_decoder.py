@@ -170,3 +170,27 @@ def test_pixel_decoder_rejects_missing_features():
     cfg.MODEL.SEM_SEG_HEAD.IN_FEATURES = ["res2", "res3", "res4", "res6"]
     with pytest.raises(ValueError, match="IN_FEATURES"):
         build_pixel_decoder(cfg, _SHAPES)
+
+
+def test_pixel_decoder_runs_in_float32_under_autocast():
+    """As the release (autocast disabled, inputs cast to float32): mixed precision does not
+    reach the deformable encoder: outputs equal the float32 computation on the same (bfloat16)
+    inputs exactly."""
+    torch.manual_seed(0)
+    decoder = build_pixel_decoder(_tiny_cfg(1), _SHAPES).eval()
+    features = {
+        name: torch.randn(1, s.channels, 64 // s.stride, 96 // s.stride) for name, s in _SHAPES.items()
+    }
+    with torch.no_grad():
+        expected, _ = decoder.forward_features(features)
+        with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+            mixed, mixed_levels = decoder.forward_features(
+                {k: v.to(torch.bfloat16) for k, v in features.items()}
+            )
+    assert mixed.dtype == torch.float32 and all(m.dtype == torch.float32 for m in mixed_levels)
+    with torch.no_grad():
+        rounded = {k: v.to(torch.bfloat16).float() for k, v in features.items()}
+        reference, reference_levels = decoder.forward_features(rounded)
+    assert torch.equal(mixed, reference)
+    assert all(torch.equal(a, b) for a, b in zip(mixed_levels, reference_levels))
+    assert not torch.equal(expected, reference)  # the inputs really were rounded

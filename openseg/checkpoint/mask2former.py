@@ -22,8 +22,16 @@ release                                                     openseg
 (`adapter_j` / `layer_j` are the release's FPN lateral / output convolutions numbered from the
 finest input, j = 1, 2, ...; openseg's `lateral_convs` / `output_convs` list them in the same
 order.) Tensors are passed through unchanged: every module has the same parameter shapes.
+
+The release also reads the older (version 1) layout in which the pixel-decoder parameters sit
+directly under ``sem_seg_head.`` and the query features are called ``static_query``: its
+`MaskFormerHead` / decoder `_load_from_state_dict` rename them whenever the state dict carries
+no version, which is the case for every checkpoint read from a `.pkl` file. `reference_to_openseg`
+accepts both layouts the same way. `openseg_to_reference` writes the current layout and marks it
+as version 2 (`_metadata`, kept by `torch.save`), so the release loads it without renaming.
 """
 import re
+from collections import OrderedDict
 from typing import Dict, Iterable, List, Mapping, Tuple
 
 from torch import Tensor
@@ -92,14 +100,42 @@ def _rename(state_dict: Mapping[str, Tensor], rules: List[_Rule], direction: str
     return renamed
 
 
+# modules of the release whose `_version` 2 changed parameter names
+_VERSIONED_MODULES = ("sem_seg_head", "sem_seg_head.predictor")
+_HEAD = "sem_seg_head."
+_HEAD_CHILDREN = (_HEAD + "pixel_decoder.", _HEAD + "predictor.")
+
+
+def _current_layout(key: str) -> str:
+    """A release key in its version-2 form (the renaming of the release's loaders)."""
+    if key.startswith(_HEAD) and not key.startswith(_HEAD_CHILDREN):
+        key = _HEAD + "pixel_decoder." + key[len(_HEAD):]
+    if key.startswith(_HEAD + "predictor.static_query"):
+        key = key.replace("static_query", "query_feat", 1)
+    return key
+
+
 def reference_to_openseg(state_dict: Dict[str, Tensor]) -> Dict[str, Tensor]:
     """Rename a released Mask2Former state dict (`MaskFormer` meta-arch) to openseg's names.
 
-    Raises `UnmappedKeysError` listing every key no rule covers; values are not copied.
+    Both the current and the version-1 layout of the release are read (see the module
+    docstring); a checkpoint without any ``sem_seg_head.pixel_decoder.`` key is version 1. Raises `UnmappedKeysError` listing every key no rule covers; values are not
+    copied.
     """
-    return _rename(state_dict, _FORWARD, "reference_to_openseg")
+    # the layout is a property of the whole checkpoint: version 1 has no pixel_decoder level
+    version_1 = not any(key.startswith(_HEAD_CHILDREN[0]) for key in state_dict)
+    current = OrderedDict()
+    for key, value in state_dict.items():
+        new_key = _current_layout(key) if version_1 else key
+        if new_key in current:
+            raise ValueError(f"reference_to_openseg: {key!r} and {new_key!r} are the same parameter")
+        current[new_key] = value
+    return _rename(current, _FORWARD, "reference_to_openseg")
 
 
 def openseg_to_reference(state_dict: Dict[str, Tensor]) -> Dict[str, Tensor]:
-    """Inverse of `reference_to_openseg`: openseg's `OpenSegMaskFormer` names to the release's."""
-    return _rename(state_dict, _BACKWARD, "openseg_to_reference")
+    """Inverse of `reference_to_openseg`: openseg's `OpenSegMaskFormer` names to the release's
+    current layout, marked as version 2 so that the release's loaders keep the names."""
+    renamed = OrderedDict(_rename(state_dict, _BACKWARD, "openseg_to_reference"))
+    renamed._metadata = OrderedDict((name, {"version": 2}) for name in _VERSIONED_MODULES)
+    return renamed

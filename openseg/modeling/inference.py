@@ -6,6 +6,12 @@ semantic = sum over queries of class probability x mask probability; panoptic = 
 to the query with the highest score x mask probability, keeping confident queries whose
 visible part is large enough; instance = top-k (query, class) pairs scored by class
 probability x mean mask probability inside the mask.
+
+Details follow the release's `MaskFormer.{semantic,panoptic,instance}_inference`: a query
+keeps its panoptic segment when visible / own area is *not below* the overlap threshold
+(``<`` drops, so a segment exactly at the threshold stays), and when panoptic or instance
+output is on the meta-architecture resizes the mask logits to the output size before semantic
+inference too. `tests/test_reference_mask2former.py` checks all three against the release.
 """
 from typing import Dict, List, Optional, Set, Tuple
 

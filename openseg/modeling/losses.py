@@ -5,6 +5,13 @@ unmatched queries with the "no object" class (down-weighted by `eos_coef`). Mask
 (binary cross-entropy + dice) are computed on K points per mask chosen by PointRend-style
 importance sampling (Mask2Former Sec. 3.3 and Sec. 4 "point loss"): mostly the most uncertain
 points of the prediction plus some uniformly random ones.
+
+Loss weights (Sec. 4.1): lambda_ce = 2.0, lambda_bce = 5.0, lambda_dice = 5.0, no-object
+class weight 0.1. Following the release, the final prediction is matched and supervised
+first, then each ``aux_outputs`` entry in order (keys ``_0``, ``_1``, ...), each with its own
+matching; points are drawn from torch's global generator with detectron2's
+`get_uncertain_point_coords_with_randomness`, in the release's order, so that given the same
+seed the losses and gradients equal the release's (`tests/test_reference_mask2former.py`).
 """
 import re
 from typing import Callable, Dict, Iterable, List, Mapping, Optional, Tuple

@@ -1,8 +1,15 @@
 """Masked-attention transformer decoder (Mask2Former, Cheng et al. CVPR 2022, Sec. 3.2-3.3).
 
-Each layer runs masked cross-attention (Eq. 2: a query only sees pixels where its previous
-mask prediction is above 0.5), then self-attention, then an FFN, cycling round-robin over the
-three pixel-decoder scales; mask and class heads predict after every layer.
+Each layer runs masked cross-attention (Sec. 3.2.1, Eq. 2-3: a query only sees pixels where
+the previous prediction, resized to the level, has sigmoid >= 0.5; the attention mask is
+-inf, here `True` = blocked, elsewhere), then self-attention, then an FFN (Sec. 3.2.3: cross-
+before self-attention, learnable query features supervised before the first layer, no
+dropout), cycling round-robin over the three pixel-decoder scales, lowest resolution first
+(Sec. 3.2.2); mask and class heads predict after every layer. As in the release, a query whose
+mask is empty at a level attends everywhere there (the paper does not say), the attention mask
+is not back-propagated through, and ``aux_outputs`` run from the prediction on the learnable
+queries to the last-but-one layer. `tests/test_reference_mask2former.py` checks every layer's
+outputs and attended pixels against the release's.
 
 Extra query groups (`QueryGroup`) ride along in the same forward: they share every weight,
 may see the main queries, but the main queries never see them, so the main outputs do not
@@ -255,7 +262,8 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
             "pre_norm": mf.PRE_NORM,
             "mask_dim": cfg.MODEL.SEM_SEG_HEAD.MASK_DIM,
             "enforce_input_project": mf.ENFORCE_INPUT_PROJ,
-            "dropout": mf.DROPOUT,
+            # no dropout in the decoder (Sec. 3.2.3); like the release, MASK_FORMER.DROPOUT
+            # only reaches the pixel decoder's deformable encoder
         }
 
     def _check_groups(self, groups: List[QueryGroup], batch: int) -> None:

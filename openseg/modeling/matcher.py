@@ -4,7 +4,12 @@ Set prediction as in DETR (Carion et al. ECCV 2020): every ground-truth segment 
 exactly one query by the Hungarian algorithm on a pairwise cost. The cost follows Mask2Former
 (Cheng et al. CVPR 2022, Sec. 3.3): class probability plus binary cross-entropy and dice
 between masks, both evaluated on the same K random points for every prediction and target
-instead of on full-resolution masks.
+instead of on full-resolution masks (Sec. 3.3, "Improving training efficiency": K = 12544
+uniformly sampled points, the same set for every prediction and target of an image).
+
+As the release, the points come from torch's global generator, one ``torch.rand(1, K, 2)``
+per image and matching in image order, and the mask costs are computed in float32 under
+mixed precision; a run seeded like a Mask2Former run therefore samples the same points.
 """
 from typing import Dict, List, Optional, Tuple
 
@@ -82,6 +87,14 @@ class HungarianMatcher(nn.Module):
         self.cost_dice = cost_dice
         self.num_points = num_points
 
+    def draw_points(self, device: torch.device) -> Tensor:
+        """`num_points` uniform points [P, 2] in [0, 1]^2, drawn from torch's global generator.
+
+        One ``torch.rand(1, P, 2)`` per image and matching, exactly as the release draws them,
+        so a run seeded like a Mask2Former run samples the same points (the equivalence test
+        checks the sequence of draws against the release's)."""
+        return torch.rand(1, self.num_points, 2, device=device)[0]
+
     @torch.no_grad()
     def cost_matrix(
         self,
@@ -104,7 +117,7 @@ class HungarianMatcher(nn.Module):
             [Q, M] float cost on the device of the predictions.
         """
         if point_coords is None:
-            point_coords = torch.rand(self.num_points, 2, device=pred_masks.device)
+            point_coords = self.draw_points(pred_masks.device)
         coords = point_coords[None].to(device=pred_masks.device, dtype=torch.float32)
         pred_points = point_sample(
             pred_masks[:, None].float(), coords.expand(pred_masks.shape[0], -1, -1),
@@ -116,8 +129,11 @@ class HungarianMatcher(nn.Module):
         )[:, 0]
         class_probs = pred_logits.float().softmax(-1)
         cost = -self.cost_class * class_probs[:, tgt_labels.long()]
-        cost = cost + self.cost_mask * batch_sigmoid_ce_cost(pred_points, tgt_points)
-        cost = cost + self.cost_dice * batch_dice_cost(pred_points, tgt_points)
+        # mask costs in float32 also under mixed precision, as the release computes them
+        with torch.autocast(device_type=pred_points.device.type, enabled=False):
+            pred_points, tgt_points = pred_points.float(), tgt_points.float()
+            cost = cost + self.cost_mask * batch_sigmoid_ce_cost(pred_points, tgt_points)
+            cost = cost + self.cost_dice * batch_dice_cost(pred_points, tgt_points)
         return cost
 
     @torch.no_grad()
@@ -141,12 +157,15 @@ class HungarianMatcher(nn.Module):
             )
         indices = []
         for image_idx, target in enumerate(targets):
+            # drawn for every image, also one without targets, to keep the release's sequence
+            points = self.draw_points(pred_masks.device)
             if target["labels"].numel() == 0 or pred_logits.shape[1] == 0:
                 empty = torch.zeros(0, dtype=torch.int64)
                 indices.append((empty, empty.clone()))
                 continue
             cost = self.cost_matrix(
-                pred_logits[image_idx], pred_masks[image_idx], target["labels"], target["masks"]
+                pred_logits[image_idx], pred_masks[image_idx], target["labels"], target["masks"],
+                points,
             )
             query_idx, target_idx = linear_sum_assignment(cost.cpu().numpy())
             indices.append(

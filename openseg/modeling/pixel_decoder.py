@@ -4,6 +4,13 @@ A Deformable-DETR encoder (Zhu et al. ICLR 2021, Sec. 4.1, Eq. 3) mixes the stri
 backbone maps; an FPN-style lateral path then lifts the result to stride `COMMON_STRIDE` to
 produce the per-pixel mask embeddings. Deformable attention is written with
 `F.grid_sample`, so no compiled extension is needed.
+
+Where the paper is silent the release (facebookresearch/Mask2Former, `MSDeformAttnPixelDecoder`)
+is followed: encoder levels ordered coarsest first with learnt level embeddings, a 1024-wide
+encoder FFN, sampling offsets in pixels of each level normalised by its (W, H), bilinear
+(not nearest) upsampling in the FPN path, and float32 computation under mixed precision.
+`tests/test_reference_mask2former.py` checks the outputs against the release's on non-square
+levels with query-dependent offsets.
 """
 
 import math
@@ -423,7 +430,16 @@ class MSDeformAttnPixelDecoder(nn.Module):
 
         Returns (mask_features [B, mask_dim, H/common_stride, W/common_stride],
         multi_scale_features: 3 maps of conv_dim channels, lowest resolution first).
+        Runs in float32 also under mixed precision, as the release does (its deformable
+        attention does not support half precision).
         """
+        device_type = next(iter(features.values())).device.type
+        with torch.autocast(device_type=device_type, enabled=False):
+            return self._forward_features({k: v.float() for k, v in features.items()})
+
+    def _forward_features(
+        self, features: Dict[str, torch.Tensor]
+    ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
         sources, pos_embeds = [], []
         for level, name in enumerate(self.transformer_in_features):
             projected = self.input_proj[level](features[name])

@@ -1,4 +1,8 @@
-"""Fixed sine positional encoding for 2-D feature maps (DETR, Carion et al. ECCV 2020, Sec. A.4)."""
+"""Fixed sine positional encoding for 2-D feature maps (DETR, Carion et al. ECCV 2020, Sec. A.4).
+
+Normalised as in Mask2Former's release: positions 1..H (1..W) divided by H + 1e-6 (W + 1e-6)
+and scaled by 2 pi; without padding masks, as the release never passes one.
+"""
 
 import math
 

@@ -7,6 +7,12 @@ training, semantic / panoptic / instance post-processing at test time (Sec. 4).
 Methods built on it (FC-CLIP, SegPrompt, ...) subclass `OpenSegMaskFormer` and override only
 the steps that differ: `prepare_targets`, `forward_heads`, `losses`, `postprocess` or
 `inference_single_image`.
+
+It computes what the release's `MaskFormer` meta-architecture computes (facebookresearch/
+Mask2Former; `tests/test_reference_mask2former.py` compares every decoder layer, the three
+post-processed outputs, the losses and the gradients); released checkpoints map onto it with
+`openseg.checkpoint.mask2former.reference_to_openseg`. Known additions: instance outputs carry
+boxes from their masks (the release leaves them zero) and `class_agnostic` / oracle switches.
 """
 import logging
 from typing import Dict, List, Set, Tuple
@@ -77,7 +83,7 @@ class OpenSegMaskFormer(nn.Module):
             num_queries: number of object queries (kept for subclasses and logging).
             object_mask_threshold, overlap_threshold: panoptic post-processing thresholds.
             metadata: detectron2 Metadata of the test (or train) dataset.
-            size_divisibility: pad images to a multiple of this (0 = backbone's own).
+            size_divisibility: pad images to a multiple of this (< 0 = the backbone's own).
             sem_seg_postprocess_before_inference: resize mask logits to the output size
                 before (True) or after (False) semantic inference.
             pixel_mean, pixel_std: per-channel normalisation in the input's format.
@@ -95,8 +101,9 @@ class OpenSegMaskFormer(nn.Module):
         self.object_mask_threshold = object_mask_threshold
         self.overlap_threshold = overlap_threshold
         self.metadata = metadata
+        # as the release: a negative value defers to the backbone, 0 means no padding
         self.size_divisibility = (
-            size_divisibility if size_divisibility > 0 else self.backbone.size_divisibility
+            size_divisibility if size_divisibility >= 0 else self.backbone.size_divisibility
         )
         self.sem_seg_postprocess_before_inference = sem_seg_postprocess_before_inference
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
@@ -145,8 +152,12 @@ class OpenSegMaskFormer(nn.Module):
             "overlap_threshold": mask_former.TEST.OVERLAP_THRESHOLD,
             "metadata": cls.dataset_metadata(cfg),
             "size_divisibility": mask_former.SIZE_DIVISIBILITY,
+            # as the release: panoptic and instance inference need the masks at the output
+            # size anyway, so semantic inference then also runs on the resized masks
             "sem_seg_postprocess_before_inference": (
                 mask_former.TEST.SEM_SEG_POSTPROCESSING_BEFORE_INFERENCE
+                or mask_former.TEST.PANOPTIC_ON
+                or mask_former.TEST.INSTANCE_ON
             ),
             "pixel_mean": tuple(cfg.MODEL.PIXEL_MEAN),
             "pixel_std": tuple(cfg.MODEL.PIXEL_STD),
