@@ -24,6 +24,7 @@ from detectron2.layers import Conv2d, ShapeSpec, get_norm
 from detectron2.utils.registry import Registry
 from torch import nn
 
+from .ms_deform_attn_op import compiled_ms_deform_attn, use_compiled_op
 from .position_encoding import PositionEmbeddingSine
 
 PIXEL_DECODER_REGISTRY = Registry("PIXEL_DECODER")
@@ -170,9 +171,8 @@ class MSDeformAttn(nn.Module):
             reference_points[:, :, None, :, None, :]
             + offsets / offset_normalizer[None, None, None, :, None, :]
         )
-        output = ms_deform_attn_core(
-            value, spatial_shapes, level_start_index, sampling_locations, weights
-        )
+        attend = compiled_ms_deform_attn if use_compiled_op(value) else ms_deform_attn_core
+        output = attend(value, spatial_shapes, level_start_index, sampling_locations, weights)
         return self.output_proj(output)
 
 
