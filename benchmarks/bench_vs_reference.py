@@ -7,7 +7,7 @@
 Both models are built at the released COCO panoptic R50 configuration
 (`configs/coco/panoptic-segmentation/maskformer2_R50_bs16_50ep.yaml`: ResNet-50, 6 deformable
 encoder layers, 9 masked-attention decoder layers, 100 queries, 133 classes, 12544 points)
-and openseg's `configs/coco/maskformer/maskformer_R50_bs16_50ep.yaml`. openseg gets the
+and openseg's `configs/coco/maskformer/panoptic-segmentation/maskformer2_R50_bs16_50ep.yaml`. openseg gets the
 reference's random weights through `openseg.checkpoint.mask2former.reference_to_openseg`, so
 both compute the same function (the panoptic outputs are compared as a sanity check).
 
@@ -56,7 +56,7 @@ from openseg.engine.optimizer import build_optimizer
 REPO_ROOT = Path(__file__).resolve().parents[1]
 REFERENCE_FOLDER = "facebookresearch__Mask2Former"
 REFERENCE_CONFIG = "configs/coco/panoptic-segmentation/maskformer2_R50_bs16_50ep.yaml"
-OPENSEG_CONFIG = REPO_ROOT / "configs/coco/maskformer/maskformer_R50_bs16_50ep.yaml"
+OPENSEG_CONFIG = REPO_ROOT / "configs/coco/maskformer/panoptic-segmentation/maskformer2_R50_bs16_50ep.yaml"
 METADATA_NAME = "openseg_bench_vs_reference"
 NUM_CLASSES, NUM_THINGS = 133, 80  # COCO panoptic: contiguous ids 0..79 are things
 SIDES = ("openseg", "reference")
