@@ -9,8 +9,10 @@ an uninterrupted one. Here:
 - aspect-ratio grouping happens on the index stream (from the dataset dicts' `width` /
   `height`, the same rule as detectron2's `AspectRatioGroupedDataset`: landscape vs. the rest),
   so each rank's stream of images is a pure function of the sampler seed and its position;
-- every image is mapped under generators seeded by (seed, rank, position in the stream), so
-  the augmentation does not depend on worker count, worker seeds or what ran before;
+- every image is mapped under generators seeded by (seed, position in the global index
+  stream), so the augmentation depends neither on worker count, worker seeds, what ran
+  before, nor on how many processes share the stream (N processes with batch B/N see the
+  same augmented images as one with batch B);
 - `ResumableTrainLoader.state_dict()` is the number of images this rank has consumed plus the
   seeds; `load_state_dict` makes the next batch the one an uninterrupted run would get.
 """
@@ -49,8 +51,8 @@ def _seeded_generators(seed: int) -> Iterator[None]:
         torch.set_rng_state(torch_state)
 
 
-def _position_seed(seed: int, rank: int, position: int) -> int:
-    return int(np.random.SeedSequence([seed, rank, position]).generate_state(1)[0])
+def _position_seed(seed: int, position: int) -> int:
+    return int(np.random.SeedSequence([seed, position]).generate_state(1)[0])
 
 
 class PositionedSampler(Sampler):
@@ -81,20 +83,21 @@ class PositionedSampler(Sampler):
 
 
 class _PositionSeededDataset(Dataset):
-    """Maps dataset dict `index` under generators seeded by (seed, rank, position)."""
+    """Maps dataset dict `index` under generators seeded by (seed, global stream position);
+    detectron2's samplers give rank r of w the global positions r, r + w, r + 2w, ..."""
 
     def __init__(self, dicts: List[dict], mapper: Callable[[dict], Any], seed: int):
         self._dicts = DatasetFromList(dicts, copy=False)
         self._mapper = mapper
         self.seed = seed
-        self._rank = comm.get_rank()
+        self._rank, self._world_size = comm.get_rank(), comm.get_world_size()
 
     def __len__(self) -> int:
         return len(self._dicts)
 
     def __getitem__(self, item: Tuple[int, int]) -> Any:
         position, index = item
-        seed = _position_seed(self.seed, self._rank, position)
+        seed = _position_seed(self.seed, position * self._world_size + self._rank)
         with _seeded_generators(seed):
             mapped = self._mapper(self._dicts[index])
             fallback = random.Random(seed)

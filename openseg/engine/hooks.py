@@ -50,8 +50,8 @@ class TrainingStopped(BaseException):
 class NonFiniteError(FloatingPointError):
     """Non-finite losses, outputs or weights; `iteration` and `what` describe them."""
 
-    def __init__(self, iteration: int, what: str):
-        super().__init__(f"iteration {iteration}: {what}")
+    def __init__(self, iteration: int, what: str, advice: str = ""):
+        super().__init__(f"training diverged at iteration {iteration}: {what}" + (f". {advice}" if advice else ""))
         self.iteration, self.what = iteration, what
 
 

@@ -173,7 +173,7 @@ class Trainer(DefaultTrainer):
             return
         ignored = {"OUTPUT_DIR", "MODEL.WEIGHTS"}
         changes = [
-            c for c in config_differences(CfgNode.load_cfg(saved_yaml), self.cfg)
+            c for c in config_differences(CfgNode.load_cfg(saved_yaml), CfgNode.load_cfg(self.cfg.dump()))
             if c.split(":")[0] not in ignored
         ]
         if changes and comm.is_main_process():
@@ -237,15 +237,15 @@ class Trainer(DefaultTrainer):
                 )
                 return None
             except NonFiniteError as error:
-                raise NonFiniteError(error.iteration, self._diverged(error)) from None
+                raise NonFiniteError(error.iteration, error.what, self._diverged(error)) from None
             except BaseException:
                 self._save_interrupted()
                 raise
 
     def _diverged(self, error: NonFiniteError) -> str:
-        """Save the diverged weights under a name --resume skips; return the full message."""
+        """Save the diverged weights under a name --resume skips; return what to do next."""
         last_good = self.checkpointer.last_good_checkpoint()
-        message = f"training diverged: {error.what}. "
+        message = ""
         if comm.is_main_process():
             path = self.checkpointer.save(f"{DIVERGED_PREFIX}_{error.iteration:07d}", tag_last=False)
             message += f"The weights that produced them are in {path} (never used by --resume). "
