@@ -62,8 +62,10 @@ def main(args):
     return results
 
 
-if __name__ == "__main__":
-    args = default_argument_parser().parse_args()
+def cli(argv=None) -> None:
+    """The command line: parse, launch one process per GPU (or CPU process), exit 128 + signal
+    number when a stop signal ended training."""
+    args = default_argument_parser().parse_args(argv)
     print("Command Line Args:", args)
     stopped_by = lambda: STOPPED_BY  # noqa: E731
     if args.num_gpus * args.num_machines > 1:
@@ -81,3 +83,7 @@ if __name__ == "__main__":
     )
     if stopped_by():
         sys.exit(128 + stopped_by())
+
+
+if __name__ == "__main__":
+    cli()
