@@ -65,7 +65,8 @@ class Trainer(DefaultTrainer):
     - non-finite losses stop training before backward with an error naming the iteration,
       the terms and the last good checkpoint; such weights go to `model_diverged_<iter>.pth`,
       never the resume target; a failing step with non-finite weights or outputs says so;
-    - config values that differ from the checkpoint's are applied on resume and listed.
+    - config values that differ from the checkpoint's are listed on resume; SOLVER ones
+      (learning rates, schedule, optimizer hyper-parameters) are applied.
     """
 
     def __init__(self, cfg: CfgNode):
@@ -148,7 +149,8 @@ class Trainer(DefaultTrainer):
     def resume_or_load(self, resume: bool = True) -> None:
         """Load `MODEL.WEIGHTS`, or with `resume` the newest readable checkpoint of OUTPUT_DIR
         with optimizer, scheduler, RNG and data-loader state. Config values that differ from
-        the checkpoint's are applied (optimizer hyper-parameters included) and listed."""
+        the checkpoint's are listed; learning rates, schedule and optimizer hyper-parameters
+        are taken from the config (resuming must not silently keep the old ones)."""
         loaded = self.checkpointer.resume_or_load(self.cfg.MODEL.WEIGHTS, resume=resume)
         if not (resume and self.checkpointer.has_checkpoint()):
             return
@@ -157,15 +159,17 @@ class Trainer(DefaultTrainer):
         self._restore_resume_state(loaded.get("resume_state"))
 
     def _apply_config_over_checkpoint(self, saved_yaml: Optional[str]) -> None:
-        fresh = self.build_optimizer(self.cfg, self.model)
+        model = self.model.module if isinstance(self.model, DistributedDataParallel) else self.model
+        fresh = self.build_optimizer(self.cfg, model)
         if len(fresh.param_groups) != len(self.optimizer.param_groups):
             raise ValueError(
                 f"--resume: the checkpoint's optimizer has {len(self.optimizer.param_groups)} parameter "
                 f"groups, the config gives {len(fresh.param_groups)} (SOLVER.* or frozen modules "
                 f"changed); start a new OUTPUT_DIR with MODEL.WEIGHTS pointing at the checkpoint"
             )
+        # the fresh optimizer holds the config's hyper-parameters; its `lr` is the base LR
         for group, new in zip(self.optimizer.param_groups, fresh.param_groups):
-            group.update({k: v for k, v in new.items() if k != "params"})
+            group.update({k: v for k, v in new.items() if k != "params"}, initial_lr=new["lr"])
         self.scheduler.base_lrs = [group["initial_lr"] for group in self.optimizer.param_groups]
         for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_lr()):
             group["lr"] = lr
@@ -178,8 +182,9 @@ class Trainer(DefaultTrainer):
         ]
         if changes and comm.is_main_process():
             logger.warning(
-                "resuming at iteration %d with config values that differ from the checkpoint's; "
-                "they are applied from now on (learning rates and schedule included):\n  %s",
+                "resuming at iteration %d with config values that differ from the checkpoint's:\n  %s\n"
+                "SOLVER values (learning rates, schedule, optimizer) are applied from now on; values a "
+                "model keeps in its state (buffers) are the checkpoint's",
                 self.start_iter, "\n  ".join(changes),
             )
 
