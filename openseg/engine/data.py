@@ -20,6 +20,7 @@ import contextlib
 import itertools
 import logging
 import random
+import signal
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -28,7 +29,7 @@ from detectron2.data import build_detection_train_loader
 from detectron2.data.build import build_batch_data_loader
 from detectron2.data.common import DatasetFromList
 from detectron2.utils import comm
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset, Sampler, get_worker_info
 
 __all__ = ["PositionedSampler", "ResumableTrainLoader", "build_resumable_train_loader"]
 
@@ -49,6 +50,15 @@ def _seeded_generators(seed: int) -> Iterator[None]:
         random.setstate(py_state)
         np.random.set_state(np_state)
         torch.set_rng_state(torch_state)
+
+
+def _leave_stop_signals_to_the_main_process() -> None:
+    """In a DataLoader worker: ignore SIGTERM / SIGUSR1. SLURM signals every process of a job;
+    a worker that died of it would crash the main process before it could checkpoint (the
+    main process ends its workers itself when it stops)."""
+    if get_worker_info() is not None and signal.getsignal(signal.SIGTERM) is not signal.SIG_IGN:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
 
 def _position_seed(seed: int, position: int) -> int:
@@ -96,6 +106,7 @@ class _PositionSeededDataset(Dataset):
         return len(self._dicts)
 
     def __getitem__(self, item: Tuple[int, int]) -> Any:
+        _leave_stop_signals_to_the_main_process()
         position, index = item
         seed = _position_seed(self.seed, position * self._world_size + self._rank)
         with _seeded_generators(seed):
