@@ -381,12 +381,13 @@ def test_ground_truth_of_the_wrong_size_is_named_at_evaluation(demo_copy):
         size = (record["height"], record["width"])
         semantic = SemanticEvaluator(name, distributed=False)
         semantic.reset()
-        with pytest.raises(ValueError, match=rf"ground truth {re.escape(record['sem_seg_file_name'])} is 64x64 "
-                                             rf"\(height x width\) but the image is {size[0]}x{size[1]}"):
+        with pytest.raises(ValueError, match=rf"ground truth {re.escape(record['sem_seg_file_name'])} has size "
+                                             rf"\(64, 64\) \(height, width\) but the image has size "
+                                             rf"\({size[0]}, {size[1]}\)"):
             semantic.process(inputs, [{"sem_seg": torch.zeros(8, *size)}])
         panoptic = PanopticEvaluator(name, distributed=False)
         panoptic.reset()
-        with pytest.raises(ValueError, match=rf"ground truth {re.escape(record['pan_seg_file_name'])} is 64x64"):
+        with pytest.raises(ValueError, match=rf"ground truth {re.escape(record['pan_seg_file_name'])} has size \(64, 64\)"):
             panoptic.process(inputs, [{"panoptic_seg": (torch.zeros(size, dtype=torch.int32), [])}])
     finally:
         DatasetCatalog.remove(name)

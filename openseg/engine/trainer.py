@@ -80,7 +80,7 @@ class Trainer(DefaultTrainer):
         model = create_ddp_model(model, cfg.MODEL.DEVICE)
         self._trainer = (AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer)(model, data_loader, optimizer)
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
-        self.checkpointer = TrainingCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        self.checkpointer = self.build_checkpointer(cfg, model, trainer=weakref.proxy(self))
         self.start_iter = 0
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
@@ -93,6 +93,11 @@ class Trainer(DefaultTrainer):
         model.register_forward_pre_hook(lambda module, args: setattr(me, "_last_batch", args[0] if args else None))
         model.register_forward_hook(loss_guard(me, cfg.SOLVER.MAX_LOSS_SPIKE))
         self.register_hooks(self.build_hooks())
+
+    @classmethod
+    def build_checkpointer(cls, cfg, model: torch.nn.Module, **checkpointables) -> TrainingCheckpointer:
+        """The one place a checkpointer is made (training, resuming and --eval-only)."""
+        return TrainingCheckpointer(model, cfg.OUTPUT_DIR, **checkpointables)
 
     @classmethod
     def build_train_loader(cls, cfg):

@@ -119,15 +119,15 @@ def check_ground_truth_size(
         return
     if record_hw is not None and tuple(int(v) for v in record_hw) == pred_hw:
         raise ValueError(
-            f"Image {image_name}: ground truth {gt_file} is {gt_hw[0]}x{gt_hw[1]} (height x width) "
-            f"but the image is {pred_hw[0]}x{pred_hw[1]} (its dataset dict's height/width, the size "
-            f"of the prediction); the ground-truth file was resized or belongs to another image: "
+            f"Image {image_name}: ground truth {gt_file} has size {gt_hw} (height, width) but the "
+            f"image has size {pred_hw} (its dataset dict's height/width, the size of the "
+            f"prediction); the ground-truth file was resized or belongs to another image: "
             f"regenerate it with the dataset's prepare script."
         )
     raise ValueError(
-        f"Image {image_name}: the prediction is {pred_hw[0]}x{pred_hw[1]} (height x width) but "
-        f"ground truth {gt_file} is {gt_hw[0]}x{gt_hw[1]}; predictions must be at the "
-        f"ground-truth resolution (the dataset dict's height/width)."
+        f"Image {image_name}: the prediction has size {pred_hw} (height, width) but ground truth "
+        f"{gt_file} has size {gt_hw}; predictions must be at the ground-truth resolution (the "
+        f"dataset dict's height/width)."
     )
 
 
