@@ -142,6 +142,11 @@ class ResumableCheckpointHook(HookBase):
         if signum and name != "model_final":
             raise TrainingStopped(signum, iteration)
 
+    def after_train(self) -> None:
+        # training is over (model_final or model_interrupted is saved): a stop signal during
+        # the final evaluation ends the process at once, as it would without this hook
+        self._stop.__exit__(None, None, None)
+
 
 def loss_guard(trainer, max_spike: float, window: int = 20) -> Callable:
     """A forward hook for the training model: raises NonFiniteError on every rank (before
