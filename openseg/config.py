@@ -33,6 +33,9 @@ def add_openseg_config(cfg: CN) -> None:
     cfg.SOLVER.WEIGHT_DECAY_EMBED = 0.0
     cfg.SOLVER.POLY_LR_POWER = 0.9
     cfg.SOLVER.POLY_LR_CONSTANT_ENDING = 0.0
+    # warn when the total loss exceeds this many times the median of the previous 20
+    # iterations (divergence that has not reached NaN yet); 0 = off
+    cfg.SOLVER.MAX_LOSS_SPIKE = 0.0
 
     # MODEL.WEIGHTS is read by openseg.checkpoint.OpenSegCheckpointer (model-zoo .pkl, .pth,
     # ImageNet backbones; layout detected) and must hold every key the model expects. Key

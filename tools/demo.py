@@ -7,24 +7,29 @@
 The vocabulary defaults to the config's first test dataset; --thing-classes / --stuff-classes
 replace it (synonyms separated by "|"). A closed-vocabulary model needs as many classes as
 it was trained with; open-vocabulary models take any list.
+
+Each input `name.ext` is drawn to `<output>/name.png` (`name_ext.png` when two inputs share a
+name); unreadable images are skipped with a warning naming them, and a summary (written /
+skipped) ends the run.
 """
 import argparse
 import logging
+from collections import Counter
 from pathlib import Path
-from typing import List
+from typing import Dict, List, Tuple
 
 import cv2
 import torch
 import tqdm
 from detectron2.data import Metadata, MetadataCatalog
 from detectron2.data import transforms as T
-from detectron2.data.detection_utils import read_image
 from detectron2.modeling import build_model
 from detectron2.utils.logger import setup_logger
 
 import openseg  # noqa: F401  (registers datasets and architectures)
 from openseg.checkpoint import OpenSegCheckpointer
 from openseg.config import load_config
+from openseg.data.mappers import DataFileError, read_file
 from openseg.data.vocab import register_vocabulary
 from openseg.utils.visualization import draw_prediction
 
@@ -45,18 +50,35 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def list_images(inputs: List[str]) -> List[Path]:
-    images = []
+def list_images(inputs: List[str]) -> Tuple[List[Path], List[Path]]:
+    """(images found, inputs that do not exist); raises when there is no image at all."""
+    images, missing = [], []
     for item in map(Path, inputs):
         if item.is_dir():
             images += sorted(p for p in item.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         elif item.is_file():
             images.append(item)
         else:
-            raise FileNotFoundError(f"--input {item}: no such file or folder")
+            logger.warning("skipped --input %s: no such file or folder", item)
+            missing.append(item)
     if not images:
         raise FileNotFoundError(f"--input {inputs}: no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
-    return images
+    return images, missing
+
+
+def output_names(images: List[Path]) -> Dict[Path, str]:
+    """`name.png` per input; inputs sharing a name get `name_ext.png`, and a number when
+    even that repeats (the same file name in several folders)."""
+    stems = Counter(p.stem for p in images)
+    names = {p: f"{p.stem}.png" if stems[p.stem] == 1 else f"{p.stem}_{p.suffix.lstrip('.')}.png" for p in images}
+    repeated = Counter(names.values())
+    seen: Counter = Counter()
+    for path in images:
+        name = names[path]
+        if repeated[name] > 1:
+            seen[name] += 1
+            names[path] = f"{Path(name).stem}_{seen[name]}.png"
+    return names
 
 
 def parse_classes(text: str) -> List[List[str]]:
@@ -88,14 +110,20 @@ def main(argv=None) -> List[Path]:
         metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0])
     resize = T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST)
 
-    images = list_images(args.input)
+    images, skipped = list_images(args.input)
     if args.max_images:
         images = images[: args.max_images]
     out_dir = Path(args.output)
     out_dir.mkdir(parents=True, exist_ok=True)
+    names = output_names(images)
     written = []
     for path in tqdm.tqdm(images, desc="demo"):
-        image = read_image(str(path), format=cfg.INPUT.FORMAT)
+        try:
+            image = read_file(str(path), cfg.INPUT.FORMAT)
+        except DataFileError as error:
+            logger.warning("skipped %s", error)
+            skipped.append(path)
+            continue
         height, width = image.shape[:2]
         resized = resize.get_transform(image).apply_image(image)
         tensor = torch.as_tensor(resized.transpose(2, 0, 1).copy())
@@ -103,10 +131,14 @@ def main(argv=None) -> List[Path]:
             prediction = model([{"image": tensor, "height": height, "width": width}])[0]
         rgb = image[:, :, ::-1] if cfg.INPUT.FORMAT == "BGR" else image
         drawn = draw_prediction(rgb, prediction, metadata, args.score_threshold)
-        target = out_dir / f"{path.stem}.png"
-        cv2.imwrite(str(target), drawn[:, :, ::-1])
+        target = out_dir / names[path]
+        if not cv2.imwrite(str(target), drawn[:, :, ::-1]):
+            raise OSError(f"could not write {target}")
         written.append(target)
-    logger.info("wrote %d visualisations to %s", len(written), out_dir)
+    logger.info(
+        "demo: %d written to %s, %d skipped%s", len(written), out_dir, len(skipped),
+        "".join(f"\n  skipped {p}" for p in skipped),
+    )
     return written
 
 

@@ -12,6 +12,7 @@ import itertools
 import json
 import logging
 import os
+import re
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
@@ -21,8 +22,11 @@ from detectron2.utils import comm
 from detectron2.utils.file_io import PathManager
 from tabulate import tabulate
 
+from ..utils.io import atomic_write_text
+
 __all__ = [
     "SplitAwareEvaluator",
+    "check_ground_truth_size",
     "class_splits_from_metadata",
     "contiguous_class_names",
     "gather_to_main",
@@ -98,6 +102,35 @@ def gather_to_main(data: Any, distributed: bool) -> Optional[List[Any]]:
     return gathered if comm.is_main_process() else None
 
 
+def check_ground_truth_size(
+    gt_shape: Sequence[int],
+    pred_shape: Sequence[int],
+    image_name: str,
+    gt_file: str,
+    record_hw: Optional[Sequence[int]] = None,
+) -> None:
+    """Raise naming the ground-truth file when its size differs from the prediction's.
+
+    Models predict at the dataset dict's `height` x `width` (`record_hw`); when the
+    prediction has that size, the ground-truth file is the odd one out (resized, or the label
+    of another image), so the message says so instead of blaming the prediction."""
+    gt_hw, pred_hw = tuple(int(v) for v in gt_shape[:2]), tuple(int(v) for v in pred_shape[:2])
+    if gt_hw == pred_hw:
+        return
+    if record_hw is not None and tuple(int(v) for v in record_hw) == pred_hw:
+        raise ValueError(
+            f"Image {image_name}: ground truth {gt_file} has size {gt_hw} (height, width) but the "
+            f"image has size {pred_hw} (its dataset dict's height/width, the size of the "
+            f"prediction); the ground-truth file was resized or belongs to another image: "
+            f"regenerate it with the dataset's prepare script."
+        )
+    raise ValueError(
+        f"Image {image_name}: the prediction has size {pred_hw} (height, width) but ground truth "
+        f"{gt_file} has size {gt_hw}; predictions must be at the ground-truth resolution (the "
+        f"dataset dict's height/width)."
+    )
+
+
 def to_jsonable(value: Any) -> Any:
     """Convert numpy scalars / arrays (recursively) to plain Python for `json.dumps`."""
     if isinstance(value, dict):
@@ -149,10 +182,30 @@ class SplitAwareEvaluator(DatasetEvaluator):
             self._output_dir, f"{self.result_key}_raw", f"rank{comm.get_rank()}.jsonl"
         )
 
+    @property
+    def metrics_path(self) -> Optional[str]:
+        """`<output_dir>/<result_key>_metrics.json`, or None without an output_dir."""
+        if not self._output_dir:
+            return None
+        return os.path.join(self._output_dir, f"{self.result_key}_metrics.json")
+
     def reset(self) -> None:
-        """Forget records and truncate this rank's raw file."""
+        """Forget records and truncate this rank's raw file. The main process first moves a
+        previous run's metrics to `<result_key>_metrics.previous.json` and removes raw files
+        of ranks this run does not have, so what sits under the current names always belongs
+        to this evaluation (partial raw records until `evaluate` writes the metrics)."""
         self._close_raw_file()
         self._records = []
+        if self._output_dir and comm.is_main_process():
+            if os.path.exists(self.metrics_path):
+                previous = self.metrics_path[: -len(".json")] + ".previous.json"
+                os.replace(self.metrics_path, previous)
+                self._logger.info("moved the previous evaluation's metrics to %s", previous)
+            raw_dir = os.path.dirname(self.raw_path)
+            for name in os.listdir(raw_dir) if os.path.isdir(raw_dir) else ():
+                rank = re.fullmatch(r"rank(\d+)\.jsonl", name)
+                if rank and int(rank.group(1)) >= comm.get_world_size():
+                    os.remove(os.path.join(raw_dir, name))
         if self.raw_path is not None:
             PathManager.mkdirs(os.path.dirname(self.raw_path))
             self._raw_file = PathManager.open(self.raw_path, "w")
@@ -193,11 +246,9 @@ class SplitAwareEvaluator(DatasetEvaluator):
         return table
 
     def save_metrics(self, metrics: Mapping[str, Any]) -> Optional[str]:
-        """Write `metrics` to `<output_dir>/<result_key>_metrics.json`; returns the path."""
+        """Write `metrics` to `<output_dir>/<result_key>_metrics.json` atomically (complete or
+        absent); returns the path."""
         if not self._output_dir:
             return None
-        PathManager.mkdirs(self._output_dir)
-        path = os.path.join(self._output_dir, f"{self.result_key}_metrics.json")
-        with PathManager.open(path, "w") as f:
-            json.dump(to_jsonable(dict(metrics)), f, indent=1)
-        return path
+        atomic_write_text(self.metrics_path, json.dumps(to_jsonable(dict(metrics)), indent=1))
+        return self.metrics_path

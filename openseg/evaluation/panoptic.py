@@ -26,7 +26,7 @@ from detectron2.data import DatasetCatalog
 from detectron2.utils.file_io import PathManager
 from PIL import Image
 
-from .base import SplitAwareEvaluator, contiguous_class_names
+from .base import SplitAwareEvaluator, check_ground_truth_size, contiguous_class_names
 
 __all__ = ["PanopticEvaluator", "PanopticStats", "panoptic_image_stats", "rgb_to_segment_ids"]
 
@@ -239,6 +239,11 @@ class PanopticEvaluator(SplitAwareEvaluator):
             if segments_info is None:
                 id_map, segments_info = self._segments_from_label_map(id_map, file_name)
             gt_id_map, gt_segments = self._load_ground_truth(file_name, id_map.shape)
+            check_ground_truth_size(
+                gt_id_map.shape, id_map.shape, file_name,
+                self._ground_truth[file_name].get("pan_seg_file_name", "(none)"),
+                (model_input["height"], model_input["width"]) if "height" in model_input else None,
+            )
             stats = panoptic_image_stats(
                 gt_id_map, gt_segments, id_map, segments_info, self._num_classes, file_name
             )

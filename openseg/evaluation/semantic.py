@@ -14,7 +14,7 @@ from detectron2.data import DatasetCatalog
 from detectron2.utils.file_io import PathManager
 from PIL import Image
 
-from .base import SplitAwareEvaluator, contiguous_class_names, gather_to_main
+from .base import SplitAwareEvaluator, check_ground_truth_size, contiguous_class_names, gather_to_main
 
 __all__ = ["SemanticEvaluator", "semantic_metrics"]
 
@@ -105,12 +105,10 @@ class SemanticEvaluator(SplitAwareEvaluator):
             file_name = model_input["file_name"]
             prediction = self._predicted_labels(output["sem_seg"], file_name)
             gt = self._load_ground_truth(file_name)
-            if gt.shape != prediction.shape:
-                raise ValueError(
-                    f"Image {file_name}: predicted sem_seg has size {tuple(prediction.shape)} "
-                    f"but the ground truth has size {tuple(gt.shape)}; predictions must be at "
-                    "the ground-truth resolution."
-                )
+            check_ground_truth_size(
+                gt.shape, prediction.shape, file_name, self._gt_files[file_name],
+                (model_input["height"], model_input["width"]) if "height" in model_input else None,
+            )
             labelled = gt != self._ignore_label
             confusion = np.bincount(
                 prediction[labelled] * self._num_classes + gt[labelled],

@@ -14,9 +14,8 @@ from pathlib import Path
 from typing import Dict, Iterator, List, Tuple
 
 import numpy as np
-from detectron2.data.datasets import load_coco_json
 
-from .common import load_panoptic_json, register_lazy, register_semantic, require
+from .common import coco_instance_dicts, load_panoptic_json, register_lazy, register_semantic, require
 
 # objectInfo150.csv "Name" column, in label order (label k+1 in the PNGs = contiguous id k)
 ADE20K_150_WORDNET_NAMES = [
@@ -195,17 +194,8 @@ def load_ade20k_instance(root: Path, split: str) -> List[dict]:
         ade / f"ade20k_instance_{split}.json", "python datasets/prepare_ade20k_ins_seg.py"
     )
     image_root = require(ade / "images" / _SPLIT_DIRS[split], "download ADEChallengeData2016.zip")
-    dicts = load_coco_json(str(json_file), str(image_root))
     contiguous = {dataset_id: i for i, dataset_id in enumerate(ADE20K_150_THING_IDS)}
-    for record in dicts:
-        for annotation in record["annotations"]:
-            if annotation["category_id"] not in contiguous:
-                raise ValueError(
-                    f"{json_file}: category_id {annotation['category_id']} is not an ADE-150 thing "
-                    f"id; regenerate it with python datasets/prepare_ade20k_ins_seg.py"
-                )
-            annotation["category_id"] = contiguous[annotation["category_id"]]
-    return dicts
+    return coco_instance_dicts(json_file, image_root, contiguous)
 
 
 def load_ade20k_full_classes(root: Path) -> Dict:

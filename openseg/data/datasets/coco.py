@@ -18,11 +18,9 @@ from pathlib import Path
 from typing import Dict, List
 
 from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES
-from detectron2.data.datasets.coco import load_coco_json
-from detectron2.data.datasets.coco_panoptic import load_coco_panoptic_json
 
 from ..vocab import coco_panoptic_vocabulary
-from .common import register_lazy, require
+from .common import coco_instance_dicts, coco_panoptic_dicts, register_lazy, require
 from .refcoco import refcocog_umd_image_ids
 
 PANOPTIC_CATEGORIES = sorted(COCO_CATEGORIES, key=lambda c: c["id"])  # things first
@@ -75,7 +73,7 @@ def load_coco_panoptic_with_sem_seg(paths: Dict[str, str], meta: dict) -> List[d
         "unzip the PNG archives inside panoptic_annotations_trainval2017.zip",
     )
     require(paths["sem_seg_root"], PREPARE_SEMANTIC)
-    dicts = load_coco_panoptic_json(
+    dicts = coco_panoptic_dicts(
         paths["panoptic_json"], paths["image_root"], paths["panoptic_root"], meta
     )
     for record in dicts:
@@ -98,12 +96,9 @@ def load_coco_instances(paths: Dict[str, str], meta: dict) -> List[dict]:
     """Instance dicts with category ids mapped to COCO's 80 contiguous thing ids."""
     require(paths["image_root"], DOWNLOAD)
     require(paths["json_file"], DOWNLOAD + " (annotations_trainval2017.zip)")
-    dicts = load_coco_json(paths["json_file"], paths["image_root"])
-    thing_map = meta["thing_dataset_id_to_contiguous_id"]
-    for record in dicts:
-        for anno in record["annotations"]:
-            anno["category_id"] = thing_map[anno["category_id"]]
-    return dicts
+    return coco_instance_dicts(
+        paths["json_file"], paths["image_root"], meta["thing_dataset_id_to_contiguous_id"]
+    )
 
 
 def register_all_coco(root: Path) -> None:

@@ -1,20 +1,97 @@
 """What every dataset family needs: the data root, a clear error for missing files, metadata."""
 import argparse
+import contextlib
 import json
 import os
 from functools import partial
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List, Mapping, Optional, Tuple
+from typing import Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple
 
 import numpy as np
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.catalog import Metadata
+from detectron2.data.datasets.coco import load_coco_json
+from detectron2.data.datasets.coco_panoptic import load_coco_panoptic_json
 
 ENV_ROOT = "OPENSEG_DATASETS"
 
 
 class DatasetNotFoundError(FileNotFoundError):
     """A registered dataset whose files are not where the registry looked for them."""
+
+
+class AnnotationFileError(ValueError):
+    """An annotation file that is not valid JSON or refers to an unknown category."""
+
+
+@contextlib.contextmanager
+def named_json_errors(json_file: os.PathLike) -> Iterator[None]:
+    """Re-raise a JSON syntax error met in the block as AnnotationFileError naming the file,
+    line and column (json's own message names neither the file nor how to fix it)."""
+    try:
+        yield
+    except json.JSONDecodeError as error:
+        raise AnnotationFileError(
+            f"{json_file}: not valid JSON ({error.msg} at line {error.lineno}, column {error.colno}); "
+            "the file is damaged or truncated: regenerate or re-download it"
+        ) from None
+
+
+def load_json(json_file: os.PathLike):
+    """`json.load` of a file, with syntax errors naming it (see `named_json_errors`)."""
+    with named_json_errors(json_file), open(json_file) as f:
+        return json.load(f)
+
+
+def contiguous_category(
+    id_map: Mapping[int, int], category_id, json_file: os.PathLike, image_id, where: str
+) -> int:
+    """`id_map[category_id]`, or an AnnotationFileError naming the file, image, segment or
+    annotation (`where`) and the known dataset ids."""
+    try:
+        return id_map[category_id]
+    except (KeyError, TypeError):
+        raise AnnotationFileError(
+            f"{json_file}: image_id {image_id}, {where}: category_id {category_id!r} is not a "
+            f"category of this dataset (known ids: {sorted(id_map)})"
+        ) from None
+
+
+def coco_panoptic_dicts(
+    json_file: os.PathLike, image_root: os.PathLike, panoptic_root: os.PathLike, meta: Mapping
+) -> List[dict]:
+    """detectron2's `load_coco_panoptic_json`, with a damaged file or a segment of an unknown
+    category reported by file, image id and segment id instead of a bare JSON / KeyError."""
+    with named_json_errors(json_file):
+        try:
+            return load_coco_panoptic_json(str(json_file), str(image_root), str(panoptic_root), meta)
+        except KeyError:
+            known = {**meta["stuff_dataset_id_to_contiguous_id"], **meta["thing_dataset_id_to_contiguous_id"]}
+            for annotation in load_json(json_file)["annotations"]:
+                for segment in annotation["segments_info"]:
+                    contiguous_category(
+                        known, segment["category_id"], json_file, annotation["image_id"],
+                        f"segment id {segment.get('id')}",
+                    )
+            raise
+
+
+def coco_instance_dicts(
+    json_file: os.PathLike, image_root: os.PathLike, id_map: Optional[Mapping[int, int]]
+) -> List[dict]:
+    """detectron2's `load_coco_json` (dataset category ids kept), then category ids mapped
+    through `id_map` (None: kept); unknown ids name the file, image and annotation id."""
+    with named_json_errors(json_file):
+        dicts = load_coco_json(str(json_file), str(image_root), extra_annotation_keys=["id"])
+    for record in dicts:
+        for annotation in record["annotations"]:
+            annotation_id = annotation.pop("id", None)
+            if id_map is not None:
+                annotation["category_id"] = contiguous_category(
+                    id_map, annotation["category_id"], json_file, record["image_id"],
+                    f"annotation id {annotation_id}",
+                )
+    return dicts
 
 
 def dataset_root() -> Path:
@@ -177,19 +254,25 @@ def load_panoptic_json(
     Category ids become contiguous through `stuff_dataset_id_to_contiguous_id`, which covers
     every class (Mask2Former convention); `isthing` follows `thing_dataset_id_to_contiguous_id`.
     """
-    with open(require(panoptic_json, prepare)) as f:
-        panoptic = json.load(f)
+    panoptic = load_json(require(panoptic_json, prepare))
     to_contiguous = metadata["stuff_dataset_id_to_contiguous_id"]
     thing_ids = set(metadata["thing_dataset_id_to_contiguous_id"])
     images = {image["id"]: image for image in panoptic["images"]}
     dicts = []
     for annotation in panoptic["annotations"]:
+        if annotation["image_id"] not in images:
+            raise AnnotationFileError(
+                f"{panoptic_json}: annotation {annotation.get('file_name')} has image_id "
+                f"{annotation['image_id']!r}, which is not in its `images` list"
+            )
         image = images[annotation["image_id"]]
         image_file, sem_seg_file = locate(image)
         segments = [
             dict(
                 s,
-                category_id=to_contiguous[s["category_id"]],
+                category_id=contiguous_category(
+                    to_contiguous, s["category_id"], panoptic_json, image["id"], f"segment id {s.get('id')}"
+                ),
                 isthing=s["category_id"] in thing_ids,
             )
             for s in annotation["segments_info"]

@@ -20,13 +20,11 @@ from pathlib import Path
 from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
-from detectron2.data.datasets.coco import load_coco_json
-from detectron2.data.datasets.coco_panoptic import load_coco_panoptic_json
 from panopticapi.utils import id2rgb
 from PIL import Image
 from pycocotools import mask as mask_util
 
-from .common import register_lazy
+from .common import coco_instance_dicts, coco_panoptic_dicts, register_lazy
 
 DEMO_DIRNAME = "openseg_demo"
 DEMO_VERSION = "openseg-demo-v1"
@@ -332,18 +330,17 @@ def load_demo(demo_dir: os.PathLike, split: str) -> List[dict]:
     demo_dir = Path(demo_dir)
     paths = split_paths(demo_dir, split)
     meta = demo_metadata()
-    panoptic = load_coco_panoptic_json(
+    panoptic = coco_panoptic_dicts(
         paths["panoptic_json"], paths["image_root"], paths["panoptic_root"], meta
     )
-    instances = {d["image_id"]: d for d in load_coco_json(paths["json_file"], paths["image_root"])}
-    thing_map = meta["thing_dataset_id_to_contiguous_id"]
+    instance_dicts = coco_instance_dicts(
+        paths["json_file"], paths["image_root"], meta["thing_dataset_id_to_contiguous_id"]
+    )
+    instances = {d["image_id"]: d for d in instance_dicts}
     dicts = []
     for record in panoptic:
         instance_record = instances[record["image_id"]]
-        annotations = [
-            {**anno, "category_id": thing_map[anno["category_id"]]}
-            for anno in instance_record["annotations"]
-        ]
+        annotations = instance_record["annotations"]
         stem = Path(record["pan_seg_file_name"]).stem
         dicts.append(
             {

@@ -15,9 +15,8 @@ from pathlib import Path
 from typing import Dict, List
 
 from detectron2.data import DatasetCatalog
-from detectron2.data.datasets.coco import load_coco_json
 
-from .common import register_lazy, require
+from .common import coco_instance_dicts, register_lazy, require
 from .demo import DEMO_DIRNAME, THING_CLASSES, split_paths
 from .lvis import lvis_v1_metadata
 
@@ -35,7 +34,7 @@ def load_lvis_ow(root: Path, split: str) -> List[dict]:
     """Instance dicts of one LVIS-OW split; contiguous category id = LVIS id - 1."""
     json_file = require(root / "lvis" / LVIS_OW_FILES[split], PREPARE)
     image_root = require(root / "coco", "download COCO 2017 images into $OPENSEG_DATASETS/coco")
-    dicts = load_coco_json(str(json_file), str(image_root))
+    dicts = coco_instance_dicts(json_file, image_root, None)
     for record in dicts:
         for annotation in record["annotations"]:
             annotation["category_id"] -= 1
