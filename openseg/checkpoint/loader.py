@@ -184,7 +184,8 @@ def read_checkpoint_file(path: str) -> Dict[str, Any]:
 def convert_to_openseg(state: StateDict, source: str = "<state dict>",
                        format_name: Optional[str] = None) -> Tuple[StateDict, CheckpointFormat]:
     """Rename `state` into openseg's names with the format named `format_name` (detected when
-    None); keys openseg recomputes (`DERIVED_BUFFER_SUFFIXES`) are dropped."""
+    None); keys openseg recomputes (`DERIVED_BUFFER_SUFFIXES`) are dropped from released
+    layouts, while openseg's own checkpoints keep them (BN counters resume exactly)."""
     if format_name is None:
         checkpoint_format = detect_format(list(state))
     elif format_name in CHECKPOINT_FORMATS:
@@ -195,7 +196,10 @@ def convert_to_openseg(state: StateDict, source: str = "<state dict>",
         converted = checkpoint_format.to_openseg(dict(state))
     except KeyError as err:
         raise CheckpointError(f"{source} (read as {checkpoint_format.name!r}): {err}") from None
-    converted = {k: v for k, v in converted.items() if not k.endswith(DERIVED_BUFFER_SUFFIXES)}
+    # openseg's own checkpoints keep their BatchNorm counters, so a resumed run is exact
+    derived = DERIVED_BUFFER_SUFFIXES if checkpoint_format.name != "openseg" else tuple(
+        s for s in DERIVED_BUFFER_SUFFIXES if s != "num_batches_tracked")
+    converted = {k: v for k, v in converted.items() if not k.endswith(derived)}
     return converted, checkpoint_format
 
 
@@ -231,7 +235,9 @@ def plan_load(model_state: Mapping[str, torch.Tensor], state: StateDict,
     never = [re.compile(p) for p in checkpoint_format.never_holds]
     plan = LoadPlan([], [], [], [], [], [])
     for key, target in model_state.items():
-        if key.startswith(CONFIG_DERIVED_PREFIXES) or key.endswith(DERIVED_BUFFER_SUFFIXES):
+        if key.startswith(CONFIG_DERIVED_PREFIXES):
+            continue
+        if key.endswith(DERIVED_BUFFER_SUFFIXES) and key not in state:
             continue
         allowed = _starts_with_any(key, allow_missing)
         if key in state:

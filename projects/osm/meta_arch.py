@@ -18,12 +18,12 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY, build_model
 from detectron2.structures import Instances
 from torch import Tensor, nn
 
+from openseg.checkpoint import OpenSegCheckpointer
 from openseg.data.vocab import get_vocabulary
 
 from .omniscient import (
@@ -454,7 +454,7 @@ def build_proposal_model(config_file: str, weights: str, device: str) -> nn.Modu
     proposal_cfg = load_config(config_file, ["MODEL.DEVICE", device])
     model = build_model(proposal_cfg)
     if weights:
-        DetectionCheckpointer(model).load(weights)
+        OpenSegCheckpointer(model).load(weights)
     else:
         logger.warning("OSM proposal model has no PROPOSAL_WEIGHTS: random-initialised masks.")
     model.requires_grad_(False)
