@@ -1,39 +1,54 @@
-"""LVIS-OW, the open-world split of LVIS v1 (SegPrompt, Zhu et al. ICCV 2023, Sec. 4.1).
+"""LVIS-OW, the open-world split of LVIS v1 (SegPrompt, Zhu et al. ICCV 2023, Sec. 4.2), as the
+authors' release builds it, plus the COCO -> LVIS training set of Table 4.
 
-Classes are split three ways:
+Classes are split three ways by the release's lists (openseg/data/lvis_ow_classes.json, taken
+from the release's mask2former/data/lvis_info/; `derive_class_lists` applies the paper's rule
+to an LVIS file and gives the same lists on LVIS v1):
   known  = COCO's 80 classes (mapped to LVIS through LVIS's coco_to_synset table; "hot dog"
            has no LVIS v1 synset, so 79) + the 64 LVIS classes with the most training
-           instances; the union has 123 classes with the real files;
-  unseen = LVIS "rare" classes: training images containing any of them move to the test set,
-           so they never appear in training images;
+           instances; the union has 123 classes;
+  unseen = the 337 LVIS "rare" classes: training images holding any of them move to the test
+           set, so they never appear in training images;
   seen   = all other classes: they appear in training images, unlabelled.
 
 Reads  $OPENSEG_DATASETS/lvis/lvis_v1_{train,val}.json
        $OPENSEG_DATASETS/coco/annotations/instances_train2017.json
-Writes $OPENSEG_DATASETS/lvis/lvis_ow_train.json  remaining LVIS train images; annotations of
-           known classes only: LVIS's for the 64 frequent non-COCO classes, COCO's (exhaustive,
-           crowd regions kept as crowd) for the COCO classes, which replace LVIS's duplicates
+Writes $OPENSEG_DATASETS/lvis/lvis_ow_train.json  the remaining LVIS train images (with or
+           without labels, as the release) and what the release trains on (its
+           tools/merge_json.py, prepare_owlvis.py, filter_json.py): LVIS's annotations of the
+           123 known classes AND COCO's annotations of COCO's classes (mapped to LVIS ids, crowd
+           regions kept as crowd); both label the COCO classes, so those objects are mostly
+           labelled twice (Table 1 counts both: 1,511,257 known training instances)
        $OPENSEG_DATASETS/lvis/lvis_ow_test.json   LVIS val + moved train images, all LVIS
            annotations (LVIS format: frequencies and negative / not-exhaustive ids kept)
        $OPENSEG_DATASETS/lvis/lvis_ow_splits.json {"known", "seen", "unseen"} contiguous ids
            (LVIS category id - 1, as openseg's LVIS metadata)
-Both annotation files are COCO-format too: every image gets `file_name` (<split>2017/<file>,
+       $OPENSEG_DATASETS/lvis/coco_lvis_train.json  Table 4 (COCO -> LVIS): the LVIS v1 train
+           images with COCO's annotations and COCO's 80 categories. LVIS re-splits COCO 2017,
+           so about 15k COCO train2017 images are LVIS val images; training on all of COCO
+           train2017 would train on test images.
+The LVIS-OW files are COCO-format too: every image gets `file_name` (<split>2017/<file>,
 relative to $OPENSEG_DATASETS/coco) and every annotation `iscrowd`; annotation ids are
-renumbered 1..N because LVIS and COCO ids collide. It then prints the split statistics
-(paper Table 1).
+renumbered 1..N because LVIS and COCO ids collide. It then prints the rows of Table 1 (train
+known = training labels; train seen = LVIS instances of seen classes in the training images,
+which carry no label; test = LVIS labels of the test images; classes = those with instances).
 """
 
 import json
 from collections import Counter
 from pathlib import Path
-from typing import Dict, Iterable, List, Set
+from typing import Dict, Iterable, List, Optional, Sequence
 
 from openseg.data.datasets.common import prepare_parser
+from openseg.data.datasets.lvis_ow import (
+    COCO_LVIS_TRAIN,
+    LVIS_OW_FILES,
+    LVIS_OW_SPLITS,
+    lvis_ow_class_lists,
+)
 
 NUM_FREQUENT = 64
-TRAIN_JSON = "lvis_ow_train.json"
-TEST_JSON = "lvis_ow_test.json"
-SPLITS_JSON = "lvis_ow_splits.json"
+GROUPS = ("known", "seen", "unseen")
 
 # LVIS's coco_to_synset table (lvis-api data/coco_to_synset.json), keyed by COCO class name
 COCO_NAME_TO_LVIS_SYNSET = {
@@ -156,6 +171,15 @@ def most_frequent(annotations: Iterable[Dict], count: int) -> List[int]:
     return sorted(counts, key=lambda c: (-counts[c], c))[:count]
 
 
+def derive_class_lists(lvis_train: Dict, num_frequent: int = NUM_FREQUENT) -> Dict[str, List[int]]:
+    """The paper's rule (Sec. 4.2): the `num_frequent` classes with the most training instances
+    and the rare classes. On LVIS v1 these are the release's lists (`lvis_ow_class_lists`)."""
+    return {
+        "frequent_64": sorted(most_frequent(lvis_train["annotations"], num_frequent)),
+        "unseen": sorted(c["id"] for c in lvis_train["categories"] if c["frequency"] == "r"),
+    }
+
+
 def image_file_name(image: Dict) -> str:
     """`<split>2017/<file>` from an LVIS image's coco_url."""
     return "/".join(image["coco_url"].split("/")[-2:])
@@ -174,32 +198,41 @@ def renumbered(annotations: Iterable[Dict]) -> List[Dict]:
 
 
 def build_lvis_ow(
-    lvis_train: Dict, lvis_val: Dict, coco_train: Dict, num_frequent: int = NUM_FREQUENT
+    lvis_train: Dict,
+    lvis_val: Dict,
+    coco_train: Dict,
+    frequent: Sequence[int],
+    unseen: Sequence[int],
 ) -> Dict:
     """The LVIS-OW train / test files and class split from the loaded JSON dicts.
 
-    Returns {"train": dict, "test": dict, "splits": {"known", "seen", "unseen"} of LVIS
-    category ids, "moved_images": ids of train images moved to test}.
+    `frequent`: LVIS ids of the frequent classes joining COCO's as known; `unseen`: LVIS ids
+    whose training images move to the test set. Returns {"train", "test": dicts, "splits":
+    {"known", "seen", "unseen"} of LVIS category ids, "moved_images": ids of train images moved
+    to test, "seen_in_train": LVIS annotations of seen classes in the training images,
+    "label_sources": training labels from LVIS / from COCO}.
     """
     categories = sorted(lvis_train["categories"], key=lambda c: c["id"])
+    all_ids = {c["id"] for c in categories}
     coco_map = coco_to_lvis_ids(coco_train["categories"], categories)
-    known = set(coco_map.values()) | set(most_frequent(lvis_train["annotations"], num_frequent))
-    rare = {c["id"] for c in categories if c["frequency"] == "r"}
-    unseen = rare - known
-    seen = {c["id"] for c in categories} - known - unseen
+    known = set(coco_map.values()) | set(frequent)
+    unseen = set(unseen)
+    for name, ids in (("frequent", set(frequent)), ("unseen", unseen)):
+        if not ids <= all_ids:
+            raise ValueError(f"{name} class ids {sorted(ids - all_ids)[:5]} are not LVIS ids.")
+    if known & unseen:
+        raise ValueError(f"Classes {sorted(known & unseen)[:5]} are both known and unseen.")
+    seen = all_ids - known - unseen
 
     moved = {a["image_id"] for a in lvis_train["annotations"] if a["category_id"] in unseen}
     kept_images = [im for im in lvis_train["images"] if im["id"] not in moved]
     kept_ids = {im["id"] for im in kept_images}
-    coco_lvis_ids = set(coco_map.values())
-    train_annotations = [
-        a
+    lvis_labels = [
+        dict(a, iscrowd=0)
         for a in lvis_train["annotations"]
-        if a["image_id"] in kept_ids
-        and a["category_id"] in known
-        and a["category_id"] not in coco_lvis_ids
+        if a["image_id"] in kept_ids and a["category_id"] in known
     ]
-    train_annotations += [
+    coco_labels = [
         dict(a, category_id=coco_map[a["category_id"]])
         for a in coco_train["annotations"]
         if a["image_id"] in kept_ids and a["category_id"] in coco_map
@@ -214,9 +247,7 @@ def build_lvis_ow(
             **info,
             "categories": categories,
             "images": with_file_names(kept_images),
-            "annotations": renumbered(
-                sorted(train_annotations, key=lambda a: (a["image_id"], a["id"]))
-            ),
+            "annotations": renumbered(lvis_labels + coco_labels),
         },
         "test": {
             **info,
@@ -226,45 +257,126 @@ def build_lvis_ow(
         },
         "splits": {"known": sorted(known), "seen": sorted(seen), "unseen": sorted(unseen)},
         "moved_images": sorted(moved),
-        "train_image_contents": [a for a in lvis_train["annotations"] if a["image_id"] in kept_ids],
+        "seen_in_train": [
+            a
+            for a in lvis_train["annotations"]
+            if a["image_id"] in kept_ids and a["category_id"] in seen
+        ],
+        "label_sources": {"lvis": len(lvis_labels), "coco": len(coco_labels)},
     }
 
 
-def split_statistics(result: Dict, num_val_images: int) -> Dict[str, Dict[str, int]]:
-    """Per group (known / seen / unseen): classes, and LVIS instances and images containing
-    them in the train / test images (in train, what the images contain whether labelled or
-    not: seen classes are there unlabelled, unseen ones must be absent)."""
-    stats = {}
-    contents = {"train": result["train_image_contents"], "test": result["test"]["annotations"]}
-    for group, ids in result["splits"].items():
-        ids: Set[int] = set(ids)
-        row = {"classes": len(ids)}
-        for split, annotations in contents.items():
-            annotations = [a for a in annotations if a["category_id"] in ids]
-            row[f"{split}_images"] = len({a["image_id"] for a in annotations})
-            row[f"{split}_instances"] = len(annotations)
-        stats[group] = row
-    stats["total"] = {
-        "train_labels": len(result["train"]["annotations"]),
-        "train_images": len(result["train"]["images"]),
-        "test_images": len(result["test"]["images"]),
-        "test_images_from_val": num_val_images,
-        "test_images_moved_from_train": len(result["moved_images"]),
+def build_coco_lvis_train(lvis_train: Dict, coco_train: Dict) -> Dict:
+    """Table 4's training set: COCO's labels (80 categories, COCO ids) of the LVIS v1 train
+    images, so no LVIS val image is trained on."""
+    lvis_ids = {im["id"] for im in lvis_train["images"]}
+    images = [im for im in coco_train["images"] if im["id"] in lvis_ids]
+    missing = len(lvis_ids) - len(images)
+    if missing:
+        raise ValueError(
+            f"{missing} LVIS v1 train images are not COCO train2017 images; use "
+            "instances_train2017.json of COCO 2017."
+        )
+    info = {key: coco_train[key] for key in ("info", "licenses") if key in coco_train}
+    return {
+        **info,
+        "categories": coco_train["categories"],
+        "images": images,
+        "annotations": [a for a in coco_train["annotations"] if a["image_id"] in lvis_ids],
+    }
+
+
+def count_row(annotations: Iterable[Dict], classes: Iterable[int]) -> Dict[str, int]:
+    """Classes with instances, instances and images holding them, among `classes`."""
+    classes = set(classes)
+    chosen = [a for a in annotations if a["category_id"] in classes]
+    return {
+        "classes": len({a["category_id"] for a in chosen}),
+        "instances": len(chosen),
+        "images": len({a["image_id"] for a in chosen}),
+    }
+
+
+def table1_statistics(result: Dict, num_val_images: int) -> Dict[str, Dict[str, int]]:
+    """Table 1's columns: train known counts the training labels; train seen the LVIS
+    instances of seen classes in the training images (present, unlabelled); test columns the
+    test set's LVIS labels per group. Also image counts and where the training labels come from."""
+    splits = result["splits"]
+    test = result["test"]["annotations"]
+    stats = {
+        "train_known": count_row(result["train"]["annotations"], splits["known"]),
+        "train_seen": count_row(result["seen_in_train"], splits["seen"]),
+    }
+    for group in GROUPS:
+        stats[f"test_{group}"] = count_row(test, splits[group])
+    train_labels = result["train"]["annotations"]
+    stats["images"] = {
+        "train": len(result["train"]["images"]),
+        "test": len(result["test"]["images"]),
+        "test_from_lvis_val": num_val_images,
+        "test_moved_from_train": len(result["moved_images"]),
+    }
+    stats["train_labels"] = {
+        **result["label_sources"],
+        "crowd": sum(a["iscrowd"] for a in train_labels),
     }
     return stats
 
 
+# Table 1 of the paper, for comparison with the printed statistics
+PAPER_TABLE1 = {
+    "train_known": (123, 1511257),
+    "train_seen": (743, 452524),
+    "test_known": (123, 168798),
+    "test_seen": (738, 99230),
+    "test_unseen": (337, 6457),
+}
+PAPER_IMAGES = {"train": 98708, "test": 21271}
+
+
 def format_statistics(stats: Dict[str, Dict[str, int]]) -> str:
-    columns = ["classes", "train_images", "train_instances", "test_images", "test_instances"]
-    lines = ["group    " + "".join(f"{c:>17}" for c in columns)]
-    for group in ("known", "seen", "unseen"):
-        lines.append(f"{group:<9}" + "".join(f"{stats[group][c]:>17}" for c in columns))
-    lines.append(", ".join(f"{k}={v}" for k, v in stats["total"].items()))
+    """Table 1's layout with the paper's numbers beside the computed ones."""
+    columns = list(PAPER_TABLE1)
+    lines = ["         " + "".join(f"{c:>14}" for c in columns)]
+    for key, index in (("classes", 0), ("instances", 1)):
+        lines.append(f"{'N_' + key[:3]:<9}" + "".join(f"{stats[c][key]:>14}" for c in columns))
+        lines.append(
+            f"{'  paper':<9}" + "".join(f"{PAPER_TABLE1[c][index]:>14}" for c in columns)
+        )
+    lines.append(
+        f"images: train {stats['images']['train']} (paper {PAPER_IMAGES['train']}), test "
+        f"{stats['images']['test']} (paper {PAPER_IMAGES['test']}) = "
+        f"{stats['images']['test_from_lvis_val']} LVIS val + "
+        f"{stats['images']['test_moved_from_train']} moved from train"
+    )
+    labels = stats["train_labels"]
+    lines.append(
+        f"training labels: {labels['lvis']} LVIS + {labels['coco']} COCO ({labels['crowd']} crowd)"
+    )
+    if "coco_lvis_train" in stats:
+        coco_lvis = stats["coco_lvis_train"]
+        lines.append(
+            f"COCO -> LVIS training set: {coco_lvis['images']} images, "
+            f"{coco_lvis['instances']} COCO instances"
+        )
     return "\n".join(lines)
 
 
-def prepare(root: Path, num_frequent: int = NUM_FREQUENT) -> Dict[str, Dict[str, int]]:
-    """Write the three LVIS-OW files under root/lvis and return the split statistics."""
+def write_json(path: Path, content) -> None:
+    with open(path, "w") as f:
+        json.dump(content, f)
+
+
+def prepare(
+    root: Path,
+    class_lists: Optional[Dict[str, Sequence[int]]] = None,
+    derive_classes: bool = False,
+) -> Dict[str, Dict[str, int]]:
+    """Write the LVIS-OW and COCO -> LVIS files under root/lvis and return the statistics.
+
+    `class_lists` ({"frequent_64", "unseen"} LVIS ids) defaults to the release's lists, or
+    with `derive_classes` to the paper's rule applied to lvis_v1_train.json.
+    """
     lvis_dir = root / "lvis"
     download = "download it from https://www.lvisdataset.org into {}"
     lvis_train = read_json(lvis_dir / "lvis_v1_train.json", download.format(lvis_dir))
@@ -272,27 +384,36 @@ def prepare(root: Path, num_frequent: int = NUM_FREQUENT) -> Dict[str, Dict[str,
     coco_json = root / "coco" / "annotations" / "instances_train2017.json"
     coco_train = read_json(coco_json, f"download COCO 2017 annotations into {coco_json.parent}")
     check_lvis_categories(lvis_dir / "lvis_v1_train.json", lvis_train["categories"])
-    result = build_lvis_ow(lvis_train, lvis_val, coco_train, num_frequent)
-    for name, key in ((TRAIN_JSON, "train"), (TEST_JSON, "test")):
-        with open(lvis_dir / name, "w") as f:
-            json.dump(result[key], f)
+    if derive_classes:
+        class_lists = derive_class_lists(lvis_train)
+    lists = class_lists if class_lists is not None else lvis_ow_class_lists()
+    result = build_lvis_ow(
+        lvis_train, lvis_val, coco_train, lists["frequent_64"], lists["unseen"]
+    )
+    for split, file_name in LVIS_OW_FILES.items():
+        write_json(lvis_dir / file_name, result[split])
     contiguous = {group: [i - 1 for i in ids] for group, ids in result["splits"].items()}
-    with open(lvis_dir / SPLITS_JSON, "w") as f:
-        json.dump(contiguous, f)
-    return split_statistics(result, len(lvis_val["images"]))
+    write_json(lvis_dir / LVIS_OW_SPLITS, contiguous)
+    stats = table1_statistics(result, len(lvis_val["images"]))
+    coco_lvis = build_coco_lvis_train(lvis_train, coco_train)
+    write_json(lvis_dir / COCO_LVIS_TRAIN, coco_lvis)
+    stats["coco_lvis_train"] = {
+        "images": len(coco_lvis["images"]),
+        "instances": len(coco_lvis["annotations"]),
+    }
+    return stats
 
 
 def main() -> None:
     parser = prepare_parser(__doc__)
     parser.add_argument(
-        "--num-frequent",
-        type=int,
-        default=NUM_FREQUENT,
-        help="most frequent LVIS classes added to COCO's as known classes",
+        "--derive-classes",
+        action="store_true",
+        help="derive the class lists from lvis_v1_train.json by the paper's rule instead of "
+        "using the release's lists (they agree on LVIS v1)",
     )
     args = parser.parse_args()
-    stats = prepare(args.root, args.num_frequent)
-    print(format_statistics(stats))
+    print(format_statistics(prepare(args.root, derive_classes=args.derive_classes)))
 
 
 if __name__ == "__main__":

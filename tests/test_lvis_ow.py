@@ -1,5 +1,6 @@
-"""LVIS-OW preparation on a generated 8-class LVIS-format file with hand-computed statistics,
-its registration, and the demo open-world split."""
+"""LVIS-OW and COCO -> LVIS preparation on a generated 8-class LVIS-format file with
+hand-computed statistics, the shipped class lists against the release's, the real files when
+present (Table 1), the registrations, and the demo open-world split."""
 
 import importlib.util
 import json
@@ -10,7 +11,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 
 import openseg.data  # noqa: F401  registers the datasets
 from openseg.data.datasets.common import DatasetNotFoundError, dataset_root
-from openseg.data.datasets.lvis_ow import register_all_lvis_ow
+from openseg.data.datasets.lvis_ow import lvis_ow_class_lists, register_all_lvis_ow
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -76,7 +77,7 @@ def lvis_root(tmp_path):
     coco = {
         "images": [
             {"id": i, "height": 40, "width": 40, "file_name": f"{i:012d}.jpg"}
-            for i in (101, 102, 103, 104, 999)
+            for i in (101, 102, 103, 104, 105, 999)
         ],
         "annotations": [
             {"id": n, "image_id": i, "category_id": c, "iscrowd": crowd, **square(n)}
@@ -103,68 +104,139 @@ def load_script():
     return script
 
 
+LISTS = {"frequent_64": [1, 4], "unseen": [6, 7]}  # the release's lists on this toy vocabulary
+
+
+def test_derived_class_lists_by_hand(lvis_root):
+    script = load_script()
+    lvis_train = json.loads((lvis_root / "lvis" / "lvis_v1_train.json").read_text())
+    # top-2 by LVIS train instances: knob (5), person (4); rare: gargoyle, kazoo
+    assert script.derive_class_lists(lvis_train, num_frequent=2) == LISTS
+
+
 def test_prepare_statistics_by_hand(lvis_root):
     script = load_script()
-    stats = script.prepare(lvis_root, num_frequent=2)
-    # top-2 by LVIS train instances: knob (5), person (4); known = COCO {person, cow} + them;
-    # unseen = rare {gargoyle, kazoo}; images 102 and 105 hold unseen classes -> test
-    assert stats["known"] == {
-        "classes": 3,
-        "train_images": 2,
-        "train_instances": 6,
-        "test_images": 3,
-        "test_instances": 4,
+    stats = script.prepare(lvis_root, class_lists=LISTS)
+    # known = COCO {person 1, cow 2} + frequent {person 1, knob 4}; unseen = {6, 7};
+    # seen = {3, 5, 8}. Images 102 and 105 hold unseen classes -> test; 101, 103, 104 train.
+    # Training labels: LVIS's known on 101 (1, 4, 4) and 103 (4, 1, 1) AND COCO's on 101
+    # (person, cow) and 103 (person, crowd); COCO's on 102 (moved), 999 (not LVIS) and the
+    # hot dog on 104 (no LVIS synset) are not
+    assert stats["train_known"] == {"classes": 3, "instances": 9, "images": 2}
+    # seen classes in training images, unlabelled: banner on 101, mug on 103, 3 + 3 + 5 on 104
+    assert stats["train_seen"] == {"classes": 3, "instances": 5, "images": 3}
+    # test = val 201 (6, 5), 202 (1, 8) + moved 102 (4, 4, 5, 6), 105 (1, 7)
+    assert stats["test_known"] == {"classes": 2, "instances": 4, "images": 3}
+    assert stats["test_seen"] == {"classes": 2, "instances": 3, "images": 3}
+    assert stats["test_unseen"] == {"classes": 2, "instances": 3, "images": 3}
+    assert stats["images"] == {
+        "train": 3,
+        "test": 4,
+        "test_from_lvis_val": 2,
+        "test_moved_from_train": 2,
     }
-    assert stats["seen"] == {
-        "classes": 3,
-        "train_images": 3,
-        "train_instances": 5,
-        "test_images": 3,
-        "test_instances": 3,
-    }
-    assert stats["unseen"] == {
-        "classes": 2,
-        "train_images": 0,
-        "train_instances": 0,
-        "test_images": 3,
-        "test_instances": 3,
-    }
-    assert stats["total"] == {
-        "train_labels": 6,
-        "train_images": 3,
-        "test_images": 4,
-        "test_images_from_val": 2,
-        "test_images_moved_from_train": 2,
-    }
-    assert "known" in script.format_statistics(stats)
+    assert stats["train_labels"] == {"lvis": 6, "coco": 3, "crowd": 1}
+    # Table 4's set: COCO's labels on all LVIS train images (101-105), COCO ids and classes
+    assert stats["coco_lvis_train"] == {"images": 5, "instances": 5}
+    text = script.format_statistics(stats)
+    assert "1511257" in text and "training labels: 6 LVIS + 3 COCO (1 crowd)" in text
 
     splits = json.loads((lvis_root / "lvis" / "lvis_ow_splits.json").read_text())
     assert splits == {"known": [0, 1, 3], "seen": [2, 4, 7], "unseen": [5, 6]}
     train = json.loads((lvis_root / "lvis" / "lvis_ow_train.json").read_text())
-    # LVIS knob x3 on kept images; COCO person, cow, person (crowd) replace LVIS's person
     labels = sorted((a["image_id"], a["category_id"], a["iscrowd"]) for a in train["annotations"])
-    assert labels == [(101, 1, 0), (101, 2, 0), (101, 4, 0), (101, 4, 0), (103, 1, 1), (103, 4, 0)]
+    assert labels == sorted(
+        [(101, 1, 0), (101, 4, 0), (101, 4, 0), (103, 4, 0), (103, 1, 0), (103, 1, 0)]
+        + [(101, 1, 0), (101, 2, 0), (103, 1, 1)]
+    )
+    assert sorted(a["id"] for a in train["annotations"]) == list(range(1, 10))
     assert sorted(im["file_name"] for im in train["images"]) == [
         f"train2017/{i:012d}.jpg" for i in (101, 103, 104)
     ]
     test = json.loads((lvis_root / "lvis" / "lvis_ow_test.json").read_text())
     assert len({a["id"] for a in test["annotations"]}) == len(test["annotations"]) == 10
     assert {im["id"] for im in test["images"]} == {201, 202, 102, 105}
+    coco_lvis = json.loads((lvis_root / "lvis" / "coco_lvis_train.json").read_text())
+    assert sorted(im["id"] for im in coco_lvis["images"]) == [101, 102, 103, 104, 105]
+    assert sorted((a["image_id"], a["category_id"]) for a in coco_lvis["annotations"]) == [
+        (101, 1), (101, 21), (102, 21), (103, 1), (104, 58)
+    ]
+
+
+def test_known_and_unseen_must_be_disjoint(lvis_root):
+    with pytest.raises(ValueError, match="both known and unseen"):
+        load_script().prepare(lvis_root, class_lists={"frequent_64": [4, 6], "unseen": [6, 7]})
+
+
+def test_shipped_lists_are_the_release_lists():
+    """openseg's data file against the release's lists (fixture written from the release by
+    tools/reference_fixtures/lvis_ow_lists.py) and against LVIS v1's own metadata."""
+    from detectron2.data.datasets.lvis_v1_categories import LVIS_CATEGORIES
+
+    lists = lvis_ow_class_lists()
+    release = json.loads((REPO / "tests/fixtures/reference/lvis_ow_lists/lists.json").read_text())
+    assert lists["frequent_64"] == release["frequent_64"]
+    assert lists["unseen"] == release["unseen"]
+    by_synset = {c["synset"]: c["id"] for c in LVIS_CATEGORIES}
+    coco = {by_synset[s] for s in load_script().COCO_NAME_TO_LVIS_SYNSET.values() if s in by_synset}
+    assert sorted(coco) == release["coco"] and len(coco) == 79
+    assert sorted(coco | set(lists["frequent_64"])) == release["known"]
+    assert len(release["known"]) == 123  # Table 1
+    assert lists["unseen"] == sorted(c["id"] for c in LVIS_CATEGORIES if c["frequency"] == "r")
+    frequency = {c["id"]: c["frequency"] for c in LVIS_CATEGORIES}
+    assert {frequency[i] for i in lists["frequent_64"]} == {"f"}
+
+
+REAL = dataset_root()
+REAL_FILES = [
+    REAL / "lvis" / "lvis_v1_train.json",
+    REAL / "lvis" / "lvis_v1_val.json",
+    REAL / "coco" / "annotations" / "instances_train2017.json",
+]
+
+
+@pytest.mark.skipif(
+    not all(p.exists() for p in REAL_FILES),
+    reason=f"real LVIS v1 / COCO 2017 annotations not under {REAL} (needs {REAL_FILES})",
+)
+def test_real_files_give_table1(tmp_path):
+    """On the real files: the paper's rule gives the release's lists, and the statistics
+    are Table 1's (98,708 / 21,271 images)."""
+    script = load_script()
+    for path in REAL_FILES:
+        target = tmp_path / path.relative_to(REAL)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.symlink_to(path)
+    lvis_train = json.loads(REAL_FILES[0].read_text())
+    assert script.derive_class_lists(lvis_train) == lvis_ow_class_lists()
+    stats = script.prepare(tmp_path)
+    for column, (classes, instances) in script.PAPER_TABLE1.items():
+        assert (stats[column]["classes"], stats[column]["instances"]) == (classes, instances)
+    assert stats["images"]["train"] == script.PAPER_IMAGES["train"]
+    assert stats["images"]["test"] == script.PAPER_IMAGES["test"]
+    assert stats["coco_lvis_train"]["images"] == len(lvis_train["images"])
 
 
 def test_registered_splits_load(lvis_root):
     register_all_lvis_ow(lvis_root)
     with pytest.raises(DatasetNotFoundError, match="prepare_lvis_ow.py"):
         DatasetCatalog.get("openseg_lvis_ow_train")
-    load_script().prepare(lvis_root, num_frequent=2)
+    load_script().prepare(lvis_root, class_lists=LISTS)
     train = DatasetCatalog.get("openseg_lvis_ow_train")
     assert len(train) == 3
-    classes = sorted(a["category_id"] for d in train for a in d["annotations"])
-    assert classes == [0, 0, 1, 3, 3, 3]  # contiguous = LVIS id - 1
+    classes = sorted(a["category_id"] for d in train for a in d["annotations"] if not a["iscrowd"])
+    assert classes == [0, 0, 0, 0, 1, 3, 3, 3]  # contiguous = LVIS id - 1
     meta = MetadataCatalog.get("openseg_lvis_ow_test")
     assert meta.class_splits == {"known": [0, 1, 3], "seen": [2, 4, 7], "unseen": [5, 6]}
     assert meta.evaluators == ["open_world_ar"] and len(meta.thing_classes) == 1203
     assert len(DatasetCatalog.get("openseg_lvis_ow_test")) == 4
+    (lvis_root / "coco" / "train2017").mkdir()
+    coco_lvis = DatasetCatalog.get("openseg_coco_lvis_train")
+    assert sorted(d["image_id"] for d in coco_lvis) == [101, 102, 103, 104, 105]
+    # COCO contiguous ids: person 0, cow 19, hot dog 52
+    labels = sorted(a["category_id"] for d in coco_lvis for a in d["annotations"])
+    assert labels == [0, 0, 19, 19, 52]
+    assert len(MetadataCatalog.get("openseg_coco_lvis_train").thing_classes) == 80
 
 
 def test_missing_input_names_the_file(tmp_path):

@@ -52,6 +52,19 @@ def coco_panoptic_metadata() -> dict:
     }
 
 
+def coco_instance_metadata() -> dict:
+    """COCO's 80 thing classes (contiguous ids 0..79), all seen: the instance datasets."""
+    panoptic_meta = coco_panoptic_metadata()
+    thing_count = len(panoptic_meta["thing_classes"])
+    instance_meta = {
+        key: panoptic_meta[key]
+        for key in ("thing_classes", "thing_colors", "thing_dataset_id_to_contiguous_id")
+    }
+    instance_meta["synonyms"] = panoptic_meta["synonyms"][:thing_count]
+    instance_meta["class_splits"] = {"seen": list(range(thing_count)), "unseen": []}
+    return instance_meta
+
+
 def coco_paths(root: Path, split: str) -> Dict[str, str]:
     coco = Path(root) / "coco"
     return {
@@ -105,13 +118,7 @@ def register_all_coco(root: Path) -> None:
     """Register `openseg_coco_2017_{train,val}_{panoptic,instance}` and
     `openseg_coco_2017_train_panoptic_filtrefgumdval` (lazy: no disk access)."""
     panoptic_meta = coco_panoptic_metadata()
-    thing_count = len(panoptic_meta["thing_classes"])
-    instance_meta = {
-        key: panoptic_meta[key]
-        for key in ("thing_classes", "thing_colors", "thing_dataset_id_to_contiguous_id")
-    }
-    instance_meta["synonyms"] = panoptic_meta["synonyms"][:thing_count]
-    instance_meta["class_splits"] = {"seen": list(range(thing_count)), "unseen": []}
+    instance_meta = coco_instance_metadata()
     for split in SPLITS:
         paths = coco_paths(root, split)
         register_lazy(

@@ -4,6 +4,11 @@
 datasets/prepare_lvis_ow.py from LVIS v1 + COCO. Training labels cover the known classes only;
 the test set is scored with class-wise AR per group (evaluator "open_world_ar").
 
+`openseg_coco_lvis_train`: COCO -> LVIS (SegPrompt Table 4): COCO's labels (80 classes) of the
+LVIS v1 train images, also made by datasets/prepare_lvis_ow.py; tested on `openseg_lvis_v1_val`.
+LVIS re-splits COCO 2017, so about 15k COCO train2017 images are LVIS val images and
+`openseg_coco_2017_train_instance` would train on test images.
+
 `openseg_demo_ow_{train,val}`: the same protocol on the embedded demo shapes (thing classes
 only): circle and square are known, triangle is seen (in training images, labels dropped),
 cross is unseen (never in training images), so open-world methods train on CPU in minutes.
@@ -16,6 +21,7 @@ from typing import Dict, List
 
 from detectron2.data import DatasetCatalog
 
+from .coco import coco_instance_metadata
 from .common import coco_instance_dicts, register_lazy, require
 from .demo import DEMO_DIRNAME, THING_CLASSES, split_paths
 from .lvis import lvis_v1_metadata
@@ -26,6 +32,10 @@ PREPARE = (
 )
 LVIS_OW_FILES = {"train": "lvis_ow_train.json", "test": "lvis_ow_test.json"}
 LVIS_OW_SPLITS = "lvis_ow_splits.json"
+COCO_LVIS_TRAIN = "coco_lvis_train.json"
+# the release's class lists (LVIS ids): the 64 frequent classes joining COCO's as known, and
+# the unseen (rare) classes whose training images move to the test set
+LVIS_OW_CLASS_LISTS = Path(__file__).resolve().parents[1] / "lvis_ow_classes.json"
 
 DEMO_OW_SPLITS = {"known": [0, 1], "seen": [2], "unseen": [3]}  # circle, square | triangle | cross
 
@@ -39,6 +49,23 @@ def load_lvis_ow(root: Path, split: str) -> List[dict]:
         for annotation in record["annotations"]:
             annotation["category_id"] -= 1
     return dicts
+
+
+def lvis_ow_class_lists() -> Dict[str, List[int]]:
+    """{"frequent_64", "unseen"}: LVIS v1 ids of the SegPrompt release's class lists
+    (mask2former/data/lvis_info/), which fix LVIS-OW's classes and image split."""
+    with open(LVIS_OW_CLASS_LISTS) as f:
+        lists = json.load(f)
+    return {key: list(lists[key]) for key in ("frequent_64", "unseen")}
+
+
+def load_coco_lvis_train(root: Path) -> List[dict]:
+    """Instance dicts of COCO's labels on the LVIS v1 train images (80 contiguous classes)."""
+    json_file = require(root / "lvis" / COCO_LVIS_TRAIN, PREPARE)
+    image_root = require(root / "coco" / "train2017", "download COCO 2017 train images")
+    return coco_instance_dicts(
+        json_file, image_root, coco_instance_metadata()["thing_dataset_id_to_contiguous_id"]
+    )
 
 
 def lvis_ow_class_splits(root: Path) -> Dict:
@@ -64,8 +91,17 @@ def load_demo_ow(root: Path, split: str) -> List[dict]:
 
 
 def register_all_lvis_ow(root: Path) -> None:
-    """Register openseg_lvis_ow_{train,test} and openseg_demo_ow_{train,val}."""
+    """Register openseg_lvis_ow_{train,test}, openseg_coco_lvis_train and
+    openseg_demo_ow_{train,val}."""
     root = Path(root)
+    register_lazy(
+        "openseg_coco_lvis_train",
+        partial(load_coco_lvis_train, root),
+        json_file=str(root / "lvis" / COCO_LVIS_TRAIN),
+        image_root=str(root / "coco" / "train2017"),
+        evaluators=["instance"],
+        **coco_instance_metadata(),
+    )
     for split, file_name in LVIS_OW_FILES.items():
         metadata = lvis_v1_metadata()
         metadata["evaluators"] = ["open_world_ar"]
