@@ -129,6 +129,12 @@ def add_openseg_config(cfg: CN) -> None:
     # ---------------------------------------------------------------- evaluation
     # metric families to run; empty = those named in the test dataset's metadata
     cfg.TEST.EVALUATORS = []
+    # open-world AR (family open_world_ar; SegPrompt Tables 2-4, openseg/evaluation/open_world.py)
+    cfg.TEST.OPEN_WORLD = CN()
+    cfg.TEST.OPEN_WORLD.MAX_DETS = 100  # detections per image scored (AR@100, AP@100)
+    # AR_s/m/l: "class_wise" (mean over classes, Table 2) or "class_agnostic" (all ground truth
+    # as one class, LVIS's class-agnostic evaluation of Tables 3 and 4)
+    cfg.TEST.OPEN_WORLD.AREA_RECALL = "class_wise"
     # open-ended evaluation (families open_ended, lac, sbert_mapping; openseg/evaluation/lac.py)
     cfg.TEST.OPEN_ENDED = CN()
     cfg.TEST.OPEN_ENDED.MATCH_IOU = 0.5  # a predicted mask takes the class of the GT it overlaps

@@ -1,6 +1,8 @@
 """OpenWorldAREvaluator against a brute-force pycocotools reference: one COCOeval per class
 with the class-agnostic predictions relabelled to that class, and one COCOeval with all
-ground truth merged into a single category for the class-agnostic AP@100 / AR@100."""
+ground truth merged into a single category for the class-agnostic AP@100 / AR@100 /
+AP_s/m/l / AR_s/m/l; and against lvis-api's LVISEval (ground truth merged into one class, as
+the SegPrompt release's tools/eval_orilvisapi.py) on a hand-built case with hand-computed AR."""
 
 import contextlib
 import io
@@ -9,6 +11,7 @@ import math
 import os
 
 import numpy as np
+import pycocotools.mask as mask_util
 import pytest
 from pycocotools.coco import COCO
 from test_eval_instance import (
@@ -24,7 +27,11 @@ from test_eval_instance import (
     run_evaluator,
 )
 
-from openseg.evaluation.instance import InstanceSegEvaluator
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from lvis import LVIS, LVISEval, LVISResults
+
+from openseg.config import load_config
+from openseg.evaluation.instance import InstanceSegEvaluator, _numpy_float_alias
 from openseg.evaluation.open_world import IOU_THRESHOLDS, OpenWorldAREvaluator, greedy_match
 
 AREA_KEYS = {"AR_all": 0, "AR_s": 1, "AR_m": 2, "AR_l": 3}  # COCOeval areaRng order
@@ -64,12 +71,18 @@ def brute_force_class_ar(json_file, predictions, image_ids):
     return per_class
 
 
+AGNOSTIC_STATS = {  # COCOeval.stats index of each class-agnostic metric (maxDets 100)
+    "AP@100": 0, "AP_s": 3, "AP_m": 4, "AP_l": 5, "AR@100": 8, "AR_s": 9, "AR_m": 10, "AR_l": 11
+}
+
+
 def brute_force_agnostic(json_file, predictions, image_ids):
-    """COCOeval (AP, AR@100) in percent with all ground truth in one category."""
+    """{metric: COCOeval value in percent (NaN where -1)} with all ground truth in one
+    category."""
     coco_gt = reference_coco(json_file, merge_classes=True)
     results = coco_results(predictions, category_of=lambda _: 1)
     stats = quiet_coco_eval(coco_gt, results, image_ids).stats
-    return 100 * stats[0], 100 * stats[8]
+    return {k: 100 * stats[i] if stats[i] >= 0 else math.nan for k, i in AGNOSTIC_STATS.items()}
 
 
 def _nanmean(values):
@@ -106,14 +119,147 @@ def test_class_wise_ar_matches_per_class_cocoeval(tmp_path, seed, lvis):
     assert math.isnan(metrics[f"AR-class{DATASET_CATEGORY_IDS[-1]}"])
     assert 0 < metrics["AR_all"] < 100
 
-    ap, ar = brute_force_agnostic(json_file, predictions, image_ids)
-    assert metrics["AP@100"] == pytest.approx(ap, abs=1e-6)
-    assert metrics["AR@100"] == pytest.approx(ar, abs=1e-6)
+    agnostic = brute_force_agnostic(json_file, predictions, image_ids)
+    for key in ("AP@100", "AR@100", "AP_s", "AP_m", "AP_l"):
+        assert metrics[key] == pytest.approx(agnostic[key], abs=1e-6, nan_ok=True), key
 
     saved = json.load(open(os.path.join(str(tmp_path), "open_world_metrics.json")))
     assert saved["AR_all"] == pytest.approx(metrics["AR_all"])
     raw = open(os.path.join(str(tmp_path), "open_world_raw", "rank0.jsonl")).read().splitlines()
     assert sorted(json.loads(line)["image_id"] for line in raw) == image_ids
+
+
+def test_class_agnostic_area_recall_matches_cocoeval(tmp_path):
+    """Tables 3 and 4: AR_s/m/l of all ground truth as one class (area_recall option)."""
+    json_file, dataset_dicts, gt_by_image = make_synthetic_dataset(tmp_path, "ow_agn", 5)
+    predictions = random_predictions(np.random.default_rng(25), dataset_dicts, gt_by_image)
+    image_ids = sorted(d["image_id"] for d in dataset_dicts)
+    evaluator = OpenWorldAREvaluator("ow_agn", distributed=False, area_recall="class_agnostic")
+    metrics = run_evaluator(evaluator, dataset_dicts, predictions)
+    agnostic = brute_force_agnostic(json_file, predictions, image_ids)
+    for key, value in agnostic.items():
+        assert metrics[key] == pytest.approx(value, abs=1e-6), key
+    # the class-wise mean differs on this data, so the option is not a no-op
+    class_wise = run_evaluator(
+        OpenWorldAREvaluator("ow_agn", distributed=False), dataset_dicts, predictions
+    )
+    assert any(abs(class_wise[k] - metrics[k]) > 1 for k in ("AR_s", "AR_m", "AR_l"))
+    assert class_wise["AR_all"] == metrics["AR_all"] and class_wise["AP_s"] == metrics["AP_s"]
+
+
+def square_mask(height, width, top, left, size_h, size_w):
+    mask = np.zeros((height, width), dtype=bool)
+    mask[top : top + size_h, left : left + size_w] = True
+    return mask
+
+
+def test_lvis_class_agnostic_hand_built_case(tmp_path):
+    """LVIS's class-agnostic evaluation (the release's tools/eval_orilvisapi.py: LVISEval with
+    every ground truth and detection relabelled to one class, 100 detections, no federated
+    filtering) on two images, with small / medium / large by LVIS's area ranges."""
+    size = (200, 200)
+    gt = [  # (image, category, mask): areas 100 (s), 1024 (= 32**2: s and m), 10000 (l), 2500 (m)
+        (1, 1, square_mask(*size, 0, 0, 10, 10)),
+        (1, 2, square_mask(*size, 20, 0, 32, 32)),
+        (1, 1, square_mask(*size, 100, 100, 100, 100)),
+        (1, 2, square_mask(*size, 0, 150, 50, 50)),
+    ]
+    detections = {  # image: [(mask, score)]
+        1: [
+            (square_mask(*size, 60, 0, 40, 40), 0.95),  # false positive, medium
+            (gt[0][2], 0.9),  # IoU 1 with the small GT
+            (square_mask(*size, 20, 8, 32, 32), 0.85),  # IoU 768 / 1280 = 0.6 with the 32x32
+            (square_mask(*size, 100, 100, 80, 100), 0.8),  # IoU 0.8 with the large GT
+        ],
+        2: [(square_mask(120, 150, 0, 0, 40, 40), 0.7)],  # image without GT: false positive
+    }
+    images = [{"id": 1, "height": 200, "width": 200}, {"id": 2, "height": 120, "width": 150}]
+
+    def rle(mask):
+        encoded = mask_util.encode(np.asfortranarray(mask.astype(np.uint8)))
+        encoded["counts"] = encoded["counts"].decode("ascii")
+        return encoded
+
+    annotations = [
+        {"id": n, "image_id": i, "category_id": c, "segmentation": rle(m),
+         "area": float(m.sum()), "bbox": list(mask_util.toBbox(rle(m)))}
+        for n, (i, c, m) in enumerate(gt, start=1)
+    ]
+    categories = [
+        {"id": c, "name": f"class{c}", "frequency": "f", "synset": f"class{c}.n.01"}
+        for c in (1, 2)
+    ]
+    for image in images:
+        image.update(neg_category_ids=[], not_exhaustive_category_ids=[],
+                     file_name=f"{image['id']}.jpg")
+    gt_file = tmp_path / "lvis_hand.json"
+    gt_file.write_text(
+        json.dumps({"images": images, "annotations": annotations, "categories": categories})
+    )
+    name = "ow_lvis_hand"
+    if name in DatasetCatalog.list():
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+    dataset_dicts = [
+        {"file_name": im["file_name"], "image_id": im["id"], "height": im["height"],
+         "width": im["width"]}
+        for im in images
+    ]
+    DatasetCatalog.register(name, lambda: dataset_dicts)
+    MetadataCatalog.get(name).set(
+        json_file=str(gt_file), thing_classes=["class1", "class2"],
+        thing_dataset_id_to_contiguous_id={1: 0, 2: 1},
+    )
+    predictions = {
+        i: (np.stack([m for m, _ in dets]), np.array([s for _, s in dets], np.float32),
+            np.zeros(len(dets), int))
+        for i, dets in detections.items()
+    }
+    cfg = load_config()
+    cfg.TEST.OPEN_WORLD.AREA_RECALL = "class_agnostic"
+    metrics = run_evaluator(
+        OpenWorldAREvaluator.from_config(cfg, name, None), dataset_dicts, predictions
+    )
+
+    # by hand: recall over the 10 IoU thresholds of each GT is 1, 0.3, 0.7, 0
+    assert metrics["AR@100"] == pytest.approx(100 * (10 + 3 + 7 + 0) / 40)
+    assert metrics["AR_s"] == pytest.approx(100 * (10 + 3) / 20)
+    assert metrics["AR_m"] == pytest.approx(100 * (3 + 0) / 20)
+    assert metrics["AR_l"] == pytest.approx(100 * 7 / 10)
+
+    merged = json.loads(gt_file.read_text())
+    for ann in merged["annotations"]:
+        ann["category_id"] = 1
+    merged["categories"] = categories[:1]
+    for image in merged["images"]:
+        image["neg_category_ids"] = [1]  # keeps the detections of images without GT
+    merged_file = tmp_path / "lvis_hand_merged.json"
+    merged_file.write_text(json.dumps(merged))
+    with contextlib.redirect_stdout(io.StringIO()):
+        lvis_gt = LVIS(str(merged_file))
+        results = [
+            {"image_id": i, "category_id": 1, "segmentation": rle(m), "score": s}
+            for i, dets in detections.items() for m, s in dets
+        ]
+        lvis_eval = LVISEval(lvis_gt, LVISResults(lvis_gt, results, max_dets=100), "segm")
+        lvis_eval.params.max_dets = 100
+        with _numpy_float_alias():
+            lvis_eval.run()
+    reference = lvis_eval.get_results()
+    for ours, theirs in (("AP@100", "AP"), ("AP_s", "APs"), ("AP_m", "APm"), ("AP_l", "APl"),
+                         ("AR@100", "AR@100"), ("AR_s", "ARs@100"), ("AR_m", "ARm@100"),
+                         ("AR_l", "ARl@100")):
+        assert metrics[ours] == pytest.approx(100 * reference[theirs], abs=1e-6), ours
+    assert 0 < metrics["AP_m"] < metrics["AP_s"]
+    # the pycocotools route agrees too
+    agnostic = brute_force_agnostic(str(gt_file), predictions, [1, 2])
+    for key, value in agnostic.items():
+        assert metrics[key] == pytest.approx(value, abs=1e-6), key
+
+
+def test_area_recall_option_is_checked():
+    with pytest.raises(ValueError, match="AREA_RECALL.*class_agnostic"):
+        OpenWorldAREvaluator("openseg_demo_ow_val", distributed=False, area_recall="agnostic")
 
 
 def test_only_top_max_dets_predictions_count(tmp_path):

@@ -13,8 +13,14 @@ predictions relabelled to that class, but the IoUs of an image are computed once
 matching runs for all classes, thresholds and area ranges together, so LVIS's 1,203 classes cost
 about as much as one class.
 
-AP@100 / AR@100 are the class-agnostic numbers: all ground truth as one class (COCOeval with a
-single category, area "all", 100 detections). Values are in percent; NaN when undefined.
+AP@100 / AR@100 and AP_s / AP_m / AP_l are the class-agnostic numbers: all ground truth as one
+class (COCOeval with a single category and 100 detections; LVISEval gives the same with its
+ground truth merged into one class and every image's detections kept, the release's
+tools/eval_orilvisapi.py). Small / medium / large are COCO's and LVIS's area ranges (the
+ground truth's `area`, the detection's mask area; bounds inclusive). `area_recall` chooses what
+AR_s / AR_m / AR_l are: "class_wise" (the mean over classes above; Table 2, the release's
+tools/eval_lvis_ow.py) or "class_agnostic" (recall of the merged ground truth, "the original
+LVIS class-agnostic evaluation" of Tables 3 and 4). Values are in percent; NaN when undefined.
 """
 
 from typing import Dict, Optional, Sequence, Tuple
@@ -27,6 +33,7 @@ from .base import SplitAwareEvaluator, contiguous_class_names, split_means
 from .instance import encode_instance_masks, ground_truth_json, load_coco_api, predicted_instances
 
 __all__ = [
+    "AREA_RECALL_MODES",
     "AREA_RANGES",
     "IOU_THRESHOLDS",
     "RECALL_THRESHOLDS",
@@ -44,6 +51,8 @@ AREA_RANGES = {
     "m": (32.0**2, 96.0**2),
     "l": (96.0**2, 1e5**2),
 }
+
+AREA_RECALL_MODES = ("class_wise", "class_agnostic")
 
 
 def greedy_match(
@@ -138,12 +147,14 @@ def _bits_to_bool(bits: np.ndarray, num_thresholds: int) -> np.ndarray:
 
 class OpenWorldAREvaluator(SplitAwareEvaluator):
     """Class-wise AR (AR_all, AR_<class_splits subset>, AR_s/m/l) and class-agnostic AP@100 /
-    AR@100 of class-agnostic `instances` (pred_classes are ignored).
+    AR@100 / AP_s/m/l of class-agnostic `instances` (pred_classes are ignored).
 
     Matching happens per image in `process` (so it is spread over the ranks); the per-image
     record holds the counts needed to reduce: per ground-truth class and area range the
     non-crowd GT count and matched count per IoU threshold, plus the class-agnostic
-    detections' scores and match bits (bit t = matched / matched-to-crowd at IoU threshold t).
+    detections' scores and, per area range, match bits (bit t = matched / ignored at IoU
+    threshold t; ignored = matched to a crowd or out-of-range GT, or unmatched and outside the
+    range) and kept GT counts.
     """
 
     result_key = "open_world"
@@ -154,11 +165,18 @@ class OpenWorldAREvaluator(SplitAwareEvaluator):
         output_dir: Optional[str] = None,
         distributed: bool = True,
         max_dets: int = 100,
+        area_recall: str = "class_wise",
     ):
         super().__init__(dataset_name, output_dir=output_dir, distributed=distributed)
         if max_dets <= 0:
             raise ValueError(f"max_dets must be positive, got {max_dets}.")
+        if area_recall not in AREA_RECALL_MODES:
+            raise ValueError(
+                f"area_recall (cfg.TEST.OPEN_WORLD.AREA_RECALL) must be one of "
+                f"{AREA_RECALL_MODES}, got {area_recall!r}."
+            )
         self._max_dets = int(max_dets)
+        self._area_recall = area_recall
         self._json_file = ground_truth_json(self._metadata, dataset_name, output_dir)
         self._coco_gt = load_coco_api(self._json_file)
         id_map = self._metadata.get("thing_dataset_id_to_contiguous_id", None)
@@ -170,6 +188,16 @@ class OpenWorldAREvaluator(SplitAwareEvaluator):
         self._dataset_id_to_contiguous = {int(d): int(c) for d, c in id_map.items()}
         self._class_names = contiguous_class_names(self._metadata)
         self._area_bounds = np.array(list(AREA_RANGES.values()))
+
+    @classmethod
+    def from_config(cls, cfg, dataset_name: str, output_dir: Optional[str] = None):
+        """cfg.TEST.OPEN_WORLD.{MAX_DETS, AREA_RECALL}."""
+        return cls(
+            dataset_name,
+            output_dir=output_dir,
+            max_dets=cfg.TEST.OPEN_WORLD.MAX_DETS,
+            area_recall=cfg.TEST.OPEN_WORLD.AREA_RECALL,
+        )
 
     def _image_ground_truth(self, image_id: int):
         """The image's GT (sorted by class, original order within a class): RLEs, contiguous
@@ -239,11 +267,17 @@ class OpenWorldAREvaluator(SplitAwareEvaluator):
             num_gt = np.zeros((0, len(AREA_RANGES)), dtype=np.int64)
             num_matched = np.zeros((0, len(AREA_RANGES), len(IOU_THRESHOLDS)), dtype=np.int64)
 
-        # class-agnostic: all ground truth as one group, area "all"
-        _, agnostic_match = greedy_match(ious, gt_crowd, gt_ignored[:1], np.zeros(1, np.int64))
-        match = agnostic_match[0, :, 0]  # [T, D] matched column, -1 if none
-        matched_crowd = np.append(gt_crowd, False)[match]  # -1 picks the appended False
-        powers = 1 << np.arange(len(IOU_THRESHOLDS))[:, None]
+        # class-agnostic: all ground truth as one group, every area range
+        _, agnostic_match = greedy_match(ious, gt_crowd, gt_ignored, np.zeros(1, np.int64))
+        match = agnostic_match[:, :, 0]  # [A, T, D] matched column, -1 if none
+        padded = np.concatenate([gt_ignored, np.zeros((len(AREA_RANGES), 1), bool)], axis=1)
+        matched_ignored = np.take_along_axis(padded[:, None, :], match, axis=2)  # -1: False
+        det_areas = np.asarray(mask_util.area(det_rles), np.float64) if det_rles else np.zeros(0)
+        det_out = (det_areas[None] < self._area_bounds[:, :1]) | (
+            det_areas[None] > self._area_bounds[:, 1:]
+        )
+        ignored = matched_ignored | ((match < 0) & det_out[:, None, :])
+        powers = 1 << np.arange(len(IOU_THRESHOLDS))[None, :, None]
         return {
             "image_id": image_id,
             "file_name": file_name,
@@ -251,9 +285,9 @@ class OpenWorldAREvaluator(SplitAwareEvaluator):
             "num_gt": num_gt,
             "num_matched": num_matched,
             "scores": scores,
-            "matched_bits": ((match >= 0) * powers).sum(axis=0),
-            "crowd_bits": (matched_crowd * powers).sum(axis=0),
-            "num_gt_agnostic": int(kept[0].sum()),
+            "matched_bits": ((match >= 0) * powers).sum(axis=1),
+            "ignored_bits": (ignored * powers).sum(axis=1),
+            "num_gt_agnostic": kept.sum(axis=1),
         }
 
     def evaluate(self) -> Dict[str, Dict[str, float]]:
@@ -283,30 +317,47 @@ class OpenWorldAREvaluator(SplitAwareEvaluator):
             f"AR_{name}": value
             for name, value in split_means(class_ar[:, 0], has_gt[:, 0], subsets).items()
         }
+        agnostic = self._class_agnostic(records)
         for area_idx, area_name in enumerate(area_names[1:], start=1):
-            area_ar = split_means(class_ar[:, area_idx], has_gt[:, area_idx], every_class)
-            metrics[f"AR_{area_name}"] = area_ar["all"]
-
-        scores = np.concatenate([np.asarray(r["scores"], dtype=np.float64) for r in records])
-        num_thresholds = len(IOU_THRESHOLDS)
-        matched_bits = np.concatenate([np.asarray(r["matched_bits"], np.int64) for r in records])
-        crowd_bits = np.concatenate([np.asarray(r["crowd_bits"], np.int64) for r in records])
-        ap, ar = class_agnostic_ap_ar(
-            scores,
-            _bits_to_bool(matched_bits, num_thresholds),
-            _bits_to_bool(crowd_bits, num_thresholds),
-            sum(r["num_gt_agnostic"] for r in records),
-        )
-        metrics[f"AP@{self._max_dets}"] = 100 * ap
-        metrics[f"AR@{self._max_dets}"] = 100 * ar
+            if self._area_recall == "class_wise":
+                area_ar = split_means(class_ar[:, area_idx], has_gt[:, area_idx], every_class)
+                metrics[f"AR_{area_name}"] = area_ar["all"]
+            else:
+                metrics[f"AR_{area_name}"] = agnostic[area_name][1]
+        metrics[f"AP@{self._max_dets}"], metrics[f"AR@{self._max_dets}"] = agnostic["all"]
+        for area_name in area_names[1:]:
+            metrics[f"AP_{area_name}"] = agnostic[area_name][0]
         for contiguous_id in sorted(set(self._dataset_id_to_contiguous.values())):
             metrics[f"AR-{self._class_names[contiguous_id]}"] = float(class_ar[contiguous_id, 0])
 
         summary = [k for k in metrics if "-" not in k]
+        area_kind = self._area_recall.replace("_", "-")
         self.log_table(
-            f"Open-world class-wise AR@{self._max_dets} (%)",
+            f"Open-world class-wise AR@{self._max_dets} (%; AR_s/m/l {area_kind})",
             [[metrics[k] for k in summary]],
             summary,
         )
         self.save_metrics(metrics)
         return {self.result_key: metrics}
+
+    def _class_agnostic(self, records: Sequence[dict]) -> Dict[str, Tuple[float, float]]:
+        """{area name: (AP, AR) in percent} of all ground truth as one class."""
+        scores = np.concatenate([np.asarray(r["scores"], dtype=np.float64) for r in records])
+        num_thresholds = len(IOU_THRESHOLDS)
+        results = {}
+        for area_idx, area_name in enumerate(AREA_RANGES):
+            bits = {
+                key: np.concatenate(
+                    [np.asarray(r[key], np.int64).reshape(len(AREA_RANGES), -1)[area_idx]
+                     for r in records]
+                )
+                for key in ("matched_bits", "ignored_bits")
+            }
+            ap, ar = class_agnostic_ap_ar(
+                scores,
+                _bits_to_bool(bits["matched_bits"], num_thresholds),
+                _bits_to_bool(bits["ignored_bits"], num_thresholds),
+                int(sum(np.asarray(r["num_gt_agnostic"])[area_idx] for r in records)),
+            )
+            results[area_name] = (100 * ap, 100 * ar)
+        return results
