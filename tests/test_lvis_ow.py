@@ -29,8 +29,11 @@ CATEGORIES = [
 # image id -> LVIS categories of its annotations
 LVIS_TRAIN = {101: [1, 4, 4, 3], 102: [4, 4, 5, 6], 103: [4, 1, 1, 8], 104: [3, 3, 5], 105: [1, 7]}
 LVIS_VAL = {201: [6, 5], 202: [1, 8]}
-# (image id, COCO category id, iscrowd): 1 person, 21 cow, 58 hot dog (no LVIS v1 synset)
-COCO_TRAIN = [(101, 1, 0), (101, 21, 0), (103, 1, 1), (102, 21, 0), (999, 1, 0), (104, 58, 0)]
+# (image id, COCO category id, iscrowd): 1 person, 21 cow, 58 hot dog (no LVIS v1 synset);
+# 999 is in no LVIS split, 201 is a COCO train2017 image that LVIS puts in val
+COCO_TRAIN = [
+    (101, 1, 0), (101, 21, 0), (103, 1, 1), (102, 21, 0), (999, 1, 0), (104, 58, 0), (201, 1, 0)
+]
 
 
 def square(index: int):
@@ -77,7 +80,7 @@ def lvis_root(tmp_path):
     coco = {
         "images": [
             {"id": i, "height": 40, "width": 40, "file_name": f"{i:012d}.jpg"}
-            for i in (101, 102, 103, 104, 105, 999)
+            for i in (101, 102, 103, 104, 105, 201, 999)
         ],
         "annotations": [
             {"id": n, "image_id": i, "category_id": c, "iscrowd": crowd, **square(n)}
@@ -136,7 +139,8 @@ def test_prepare_statistics_by_hand(lvis_root):
         "test_moved_from_train": 2,
     }
     assert stats["train_labels"] == {"lvis": 6, "coco": 3, "crowd": 1}
-    # Table 4's set: COCO's labels on all LVIS train images (101-105), COCO ids and classes
+    # Table 4's set: COCO's labels on all LVIS train images (101-105), COCO ids and classes;
+    # not on 201 (LVIS val) nor 999
     assert stats["coco_lvis_train"] == {"images": 5, "instances": 5}
     text = script.format_statistics(stats)
     assert "1511257" in text and "training labels: 6 LVIS + 3 COCO (1 crowd)" in text
@@ -256,3 +260,35 @@ def test_demo_open_world_split():
     meta = MetadataCatalog.get("openseg_demo_ow_val")
     assert meta.class_splits == {"known": [0, 1], "seen": [2], "unseen": [3]}
     assert Path(meta.json_file).exists()
+
+
+@pytest.mark.parametrize(
+    "config, train, num_classes, agnostic, segprompt",
+    [
+        ("lvis/maskformer_R50_class_aware.yaml", "openseg_lvis_v1_train", 1203, False, False),
+        ("lvis/maskformer_R50_class_agnostic.yaml", "openseg_lvis_v1_train", 1203, True, False),
+        ("lvis/segprompt_R50.yaml", "openseg_lvis_v1_train", 1203, True, True),
+        ("coco_lvis/maskformer_R50_class_aware.yaml", "openseg_coco_lvis_train", 80, False, False),
+        ("coco_lvis/maskformer_R50_class_agnostic.yaml", "openseg_coco_lvis_train", 80, True, False),
+        ("coco_lvis/segprompt_R50.yaml", "openseg_coco_lvis_train", 80, True, True),
+    ],
+)
+def test_table3_table4_configs(config, train, num_classes, agnostic, segprompt):
+    """Table 3 (full LVIS) and Table 4 (COCO -> LVIS): training set, LVIS v1 val as test set,
+    LVIS's class-agnostic AR_s/m/l, and the release's schedule for Table 3."""
+    from openseg.config import load_config
+
+    cfg = load_config(str(REPO / "configs" / config))
+    assert cfg.DATASETS.TRAIN == (train,) and cfg.DATASETS.TEST == ("openseg_lvis_v1_val",)
+    assert cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES == num_classes
+    assert cfg.MODEL.MASK_FORMER.CLASS_AGNOSTIC == agnostic
+    assert (cfg.MODEL.META_ARCHITECTURE == "SegPromptMaskFormer") == segprompt
+    assert cfg.TEST.EVALUATORS == ["open_world_ar"]
+    assert (cfg.TEST.OPEN_WORLD.MAX_DETS, cfg.TEST.OPEN_WORLD.AREA_RECALL) == (100, "class_agnostic")
+    assert len(MetadataCatalog.get(train).thing_classes) == num_classes
+    if config.startswith("lvis/"):  # as the release's configs/lvis/*.yaml
+        assert cfg.SOLVER.LR_SCHEDULER_NAME == "WarmupMultiStepLR"
+        assert (cfg.SOLVER.MAX_ITER, tuple(cfg.SOLVER.STEPS)) == (368750, (327778, 355092))
+        assert cfg.MODEL.WEIGHTS == "" and cfg.MODEL.BACKBONE.FREEZE_AT == 0
+        sampler = "TrainingSampler" if segprompt else "RepeatFactorTrainingSampler"
+        assert cfg.DATALOADER.SAMPLER_TRAIN == sampler
