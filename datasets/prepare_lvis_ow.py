@@ -268,20 +268,13 @@ def build_lvis_ow(
 
 def build_coco_lvis_train(lvis_train: Dict, coco_train: Dict) -> Dict:
     """Table 4's training set: COCO's labels (80 categories, COCO ids) of the LVIS v1 train
-    images, so no LVIS val image is trained on."""
+    images (all of which are COCO train2017 images), so no LVIS val image is trained on."""
     lvis_ids = {im["id"] for im in lvis_train["images"]}
-    images = [im for im in coco_train["images"] if im["id"] in lvis_ids]
-    missing = len(lvis_ids) - len(images)
-    if missing:
-        raise ValueError(
-            f"{missing} LVIS v1 train images are not COCO train2017 images; use "
-            "instances_train2017.json of COCO 2017."
-        )
     info = {key: coco_train[key] for key in ("info", "licenses") if key in coco_train}
     return {
         **info,
         "categories": coco_train["categories"],
-        "images": images,
+        "images": [im for im in coco_train["images"] if im["id"] in lvis_ids],
         "annotations": [a for a in coco_train["annotations"] if a["image_id"] in lvis_ids],
     }
 
@@ -357,7 +350,9 @@ def format_statistics(stats: Dict[str, Dict[str, int]]) -> str:
         coco_lvis = stats["coco_lvis_train"]
         lines.append(
             f"COCO -> LVIS training set: {coco_lvis['images']} images, "
-            f"{coco_lvis['instances']} COCO instances"
+            f"{coco_lvis['instances']} COCO instances "
+            f"({coco_lvis['lvis_train_images_not_in_coco_train']} LVIS train images are not "
+            "COCO train2017 images)"
         )
     return "\n".join(lines)
 
@@ -400,6 +395,7 @@ def prepare(
     stats["coco_lvis_train"] = {
         "images": len(coco_lvis["images"]),
         "instances": len(coco_lvis["annotations"]),
+        "lvis_train_images_not_in_coco_train": len(lvis_train["images"]) - len(coco_lvis["images"]),
     }
     return stats
 

@@ -1,8 +1,9 @@
 """Open-world instance segmentation splits with known / seen / unseen classes.
 
-`openseg_lvis_ow_{train,test}`: LVIS-OW (SegPrompt, Zhu et al. ICCV 2023, Sec. 4.1), made by
-datasets/prepare_lvis_ow.py from LVIS v1 + COCO. Training labels cover the known classes only;
-the test set is scored with class-wise AR per group (evaluator "open_world_ar").
+`openseg_lvis_ow_{train,test}`: LVIS-OW (SegPrompt, Zhu et al. ICCV 2023, Sec. 4.2), made by
+datasets/prepare_lvis_ow.py from LVIS v1 + COCO as the authors' release: training labels are
+LVIS's and COCO's of the known classes only; the test set is scored with class-wise AR per
+group (evaluator "open_world_ar").
 
 `openseg_coco_lvis_train`: COCO -> LVIS (SegPrompt Table 4): COCO's labels (80 classes) of the
 LVIS v1 train images, also made by datasets/prepare_lvis_ow.py; tested on `openseg_lvis_v1_val`.
