@@ -331,8 +331,8 @@ def format_statistics(stats: Dict[str, Dict[str, int]]) -> str:
     """Table 1's layout with the paper's numbers beside the computed ones."""
     columns = list(PAPER_TABLE1)
     lines = ["         " + "".join(f"{c:>14}" for c in columns)]
-    for key, index in (("classes", 0), ("instances", 1)):
-        lines.append(f"{'N_' + key[:3]:<9}" + "".join(f"{stats[c][key]:>14}" for c in columns))
+    for key, label, index in (("classes", "N_cls", 0), ("instances", "N_ins", 1)):
+        lines.append(f"{label:<9}" + "".join(f"{stats[c][key]:>14}" for c in columns))
         lines.append(
             f"{'  paper':<9}" + "".join(f"{PAPER_TABLE1[c][index]:>14}" for c in columns)
         )
