@@ -91,8 +91,8 @@ def _register_stubs():
     folder = Path(tempfile.mkdtemp())
     (folder / f"{OPEN_CLIP_NAME}.json").write_text(TINY_CONFIG.read_text())
     open_clip.add_model_config(str(folder))
-    channels = json.loads(TINY_CONFIG.read_text())["vision_cfg"]["timm_model_name"]
-    assert channels == "convnext_atto"
+    if json.loads(TINY_CONFIG.read_text())["vision_cfg"]["timm_model_name"] != "convnext_atto":
+        raise ValueError(f"{TINY_CONFIG}: FixtureCLIP's channel list is convnext_atto's")
 
     class FixtureCLIP(CLIP):
         output_channels = [40, 40, 80, 160, 320]  # convnext_atto: stem, res2..res5
@@ -276,10 +276,8 @@ def _check_margins(model, layers, clip_feature_size, ensembled) -> None:
             owner = weighted.argmax(0)
             for k in range(weighted.shape[0]):
                 own = int((mask_pred[keep][k].sigmoid() >= 0.5).sum())
-                visible = int(((owner == k) & (mask_pred[keep][k].sigmoid() >= 0.5)).sum())
                 if own and abs(int((owner == k).sum()) / own - model.overlap_threshold) < 1e-3:
                     raise _Unstable("a segment sits at the overlap threshold")
-                del visible
         flat = probs[:, :-1].flatten().sort(descending=True).values
         k = min(model.test_topk_per_image, flat.numel() - 1)
         if flat[k - 1] - flat[k] < MARGIN or (flat[:-1] - flat[1:]).min() < 1e-7:
