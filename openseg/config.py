@@ -55,6 +55,9 @@ def add_openseg_config(cfg: CN) -> None:
     cfg.MODEL.CLIP.PRETRAINED_PATH = ""
     cfg.MODEL.CLIP.FROZEN = True
     cfg.MODEL.CLIP.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
+    # local folder with the Hugging Face tokenizer of models that use one (SigLIP / SigLIP 2);
+    # CLIP's own BPE tokenizer ships with open_clip and needs none
+    cfg.MODEL.CLIP.TOKENIZER_PATH = ""
 
     # Swin Transformer (openseg.modeling.backbones.swin, MODEL.BACKBONE.NAME "D2SwinTransformer");
     # names and defaults of Mask2Former's release (Swin-T, ImageNet-1k 224 px)
