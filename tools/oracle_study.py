@@ -6,7 +6,7 @@ Figure 4 for several models side by side.
         --model FC-CLIP configs/ade20k/fcclip/fcclip_convnext_large_coco_to_ade20k_panoptic.yaml fcclip.pth \
         --model MAFT+ CONFIG WEIGHTS \
         [--vlm all --vlm-root /ckpt/vlms] [--vlm-settings 512,640,800x1333] \
-        [--in-domain 300 CONFIG WEIGHTS ...] [KEY VALUE ...]
+        [--in-domain 300 CONFIG WEIGHTS ...] [-- KEY VALUE ...]
 
 - Table 1: bare CLIP models (`--vlm`, keys of openseg.modeling.vlm_oracle.VLM_MODELS, weights
   under --vlm-root) classify the ground-truth masks (segmentation oracle, Sec. 4.1) at each
@@ -23,7 +23,7 @@ Figure 4 for several models side by side.
 
 Every PQ has seen / unseen columns: the test set's `class_splits`, or the split against the
 models' training set (openseg.evaluation.builder.ensure_class_splits). KEY VALUE overrides
-apply to every config. Writes study.md, study.json, figure4.png and oracles.png to DIR.
+(after "--") apply to every config. Writes study.md, study.json, figure4.png and oracles.png to DIR.
 """
 import argparse
 import json
@@ -83,11 +83,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--table5-classes", type=int, default=5)
     parser.add_argument("--recall-below", type=float, default=0.1)
-    parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
+    parser.add_argument(
+        "opts", nargs=argparse.REMAINDER, help="-- KEY VALUE ...: overrides of every config"
+    )
     args = parser.parse_args(argv)
     for entry in args.model:
         if len(entry) not in (2, 3):
-            parser.error(f"--model {' '.join(entry)}: give NAME CONFIG [WEIGHTS]")
+            parser.error(
+                f"--model {' '.join(entry)}: give NAME CONFIG [WEIGHTS]; put config overrides "
+                "after '--' (... --model NAME CONFIG -- KEY VALUE)"
+            )
+    if args.opts and args.opts[0] == "--":
+        args.opts = args.opts[1:]
     if not args.model and not args.vlm:
         parser.error("nothing to study: give at least one --model or --vlm")
     return args
