@@ -46,6 +46,7 @@ from openseg.config import load_config
 from openseg.data.mappers import build_mapper
 from openseg.evaluation.builder import ensure_class_splits
 from openseg.evaluation.panoptic import PanopticEvaluator
+from openseg.modeling.meta_arch import OpenSegMaskFormer
 from openseg.modeling.oracles import PAPER_ROWS, OracleSwitches, oracle_variants
 from openseg.modeling.vlm_oracle import TABLE1_SETTINGS, VLM_MODELS, evaluate_vlm
 
@@ -137,6 +138,11 @@ def evaluate_model(
     """{variant name: {"summary", "per_class"}} of one model under each oracle setting."""
     dataset = cfg.DATASETS.TEST[0]
     model = build_model(cfg).eval()
+    if not isinstance(model, OpenSegMaskFormer):
+        raise TypeError(
+            f"{type(model).__name__} (MODEL.META_ARCHITECTURE) is not an OpenSegMaskFormer: the "
+            "oracles need its per-query class and mask outputs."
+        )
     OpenSegCheckpointer.from_config(cfg, model).load(cfg.MODEL.WEIGHTS)
     results = {}
     for switches in variants:

@@ -317,8 +317,10 @@ def ground_truth_at_output(
     """Padded-frame ground-truth masks cropped to `image_size` and resized (nearest) to the
     output size, where the final panoptic map lives."""
     masks = gt_masks[:, : image_size[0], : image_size[1]]
-    if tuple(masks.shape[-2:]) == tuple(output_size) or masks.shape[0] == 0:
-        return masks.new_zeros((masks.shape[0], *output_size)) if masks.shape[0] == 0 else masks
+    if masks.shape[0] == 0:
+        return masks.new_zeros((0, *output_size))
+    if tuple(masks.shape[-2:]) == tuple(output_size):
+        return masks
     return F.interpolate(masks[None].float(), size=tuple(output_size), mode="nearest")[0] > 0.5
 
 
