@@ -311,3 +311,18 @@ def test_oracles_name_what_is_missing(model):
                              "MODEL.MASK_FORMER.TEST.PANOPTIC_ON", "False"))
     with pytest.raises(ValueError, match="CLASSIFICATION_IOU"):
         OracleSwitches.from_config(demo_cfg("TEST.ORACLE.CLASSIFICATION_IOU", "1.0"))
+
+
+def test_ground_truth_reaches_the_output_size_of_the_panoptic_map():
+    """The classification oracle compares final segments (at the input's height x width) with
+    ground truth given in the padded, resized frame: crop the padding, then nearest resize."""
+    from openseg.modeling.oracles import ground_truth_at_output
+
+    padded = torch.zeros(1, 6, 6, dtype=torch.bool)
+    padded[0, 0, 1] = True
+    padded[0, 5, 5] = True  # padding: dropped
+    resized = ground_truth_at_output(padded, (4, 4), (8, 8))
+    expected = torch.zeros(1, 8, 8, dtype=torch.bool)
+    expected[0, 0:2, 2:4] = True
+    assert torch.equal(resized, expected)
+    assert ground_truth_at_output(padded[:0], (4, 4), (8, 8)).shape == (0, 8, 8)
