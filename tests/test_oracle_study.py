@@ -112,7 +112,7 @@ def test_study_on_two_models_has_no_nan_split_columns(tmp_path):
     """Two models (one row block each) on a test set without built-in splits: the split
     against the training vocabulary is applied, so no split column is NaN."""
     study = load_study()
-    dataset = without_splits("openseg_test_demo_val_no_splits", 2)
+    dataset = without_splits("openseg_test_demo_val_no_splits", 1)  # "sand" is in it
     train = training_set_without("openseg_test_demo_train_no_cross_sand", {"cross", "sand"})
     result = study.main([
         "--output", str(tmp_path), "--model", "A", FCCLIP_DEMO, "--model", "B", FCCLIP_DEMO,
