@@ -15,6 +15,7 @@ from detectron2.modeling import build_model
 from detectron2.structures import ImageList, Instances
 
 from openseg.config import load_config
+from openseg.data.datasets.common import register_subset
 from openseg.data.mappers import build_mapper
 from openseg.engine import Trainer
 from openseg.evaluation.panoptic import PanopticEvaluator
@@ -260,8 +261,9 @@ def test_segmentation_plus_classification_gives_pq_100_on_demo_data(tmp_path):
         "OUTPUT_DIR", str(tmp_path),
     )
     model = build_model(cfg).eval()  # random weights: everything comes from the oracles
-    loader = Trainer.build_test_loader(cfg, "openseg_demo_val")
-    evaluator = PanopticEvaluator("openseg_demo_val", str(tmp_path), distributed=False)
+    dataset = register_subset("openseg_demo_val", 6)
+    loader = Trainer.build_test_loader(cfg, dataset)
+    evaluator = PanopticEvaluator(dataset, str(tmp_path), distributed=False)
     results = inference_on_dataset(model, loader, evaluator)["panoptic_seg"]
     assert results["PQ"] == pytest.approx(100.0)
     assert results["PQ_unseen"] == pytest.approx(100.0)

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from detectron2.data import DatasetCatalog
 
 from openseg.config import load_config
+from openseg.data.datasets.common import register_subset
 from openseg.evaluation.builder import ensure_class_splits
 from openseg.modeling import vlm_oracle
 from openseg.modeling.backbones.clip import OpenCLIPTimmViTBackbone, load_tokenizer
@@ -120,11 +121,12 @@ def test_zero_shot_ground_truth_evaluation_on_demo_data(tmp_path, monkeypatch):
     model = open_clip.create_model("openseg-test-convnext", pretrained=None)
     os.makedirs(tmp_path / key)
     torch.save(model.state_dict(), tmp_path / key / "open_clip_pytorch_model.bin")
+    dataset = register_subset("openseg_demo_val", 4)
     cfg = load_config(os.path.join(ROOT, "configs", "demo", "fcclip_tiny_convnext.yaml"),
-                      ["DATALOADER.NUM_WORKERS", "0"])
-    ensure_class_splits(cfg, "openseg_demo_val")
+                      ["DATALOADER.NUM_WORKERS", "0", "DATASETS.TEST", f"('{dataset}',)"])
+    ensure_class_splits(cfg, dataset)
     summary = vlm_oracle.evaluate_vlm(cfg, key, str(tmp_path), "64", str(tmp_path / "eval"))
     for column in ("PQ", "PQ_seen", "PQ_unseen"):
         assert 0.0 <= summary[column] <= 100.0
     assert summary["PQ"] < 100.0  # random CLIP: not every class right
-    assert len(DatasetCatalog.get("openseg_demo_val")) == 32
+    assert len(DatasetCatalog.get(dataset)) == 4
