@@ -55,6 +55,9 @@ def add_openseg_config(cfg: CN) -> None:
     cfg.MODEL.CLIP.PRETRAINED_PATH = ""
     cfg.MODEL.CLIP.FROZEN = True
     cfg.MODEL.CLIP.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
+    # local folder with the Hugging Face tokenizer of models that use one (SigLIP / SigLIP 2);
+    # CLIP's own BPE tokenizer ships with open_clip and needs none
+    cfg.MODEL.CLIP.TOKENIZER_PATH = ""
 
     # Swin Transformer (openseg.modeling.backbones.swin, MODEL.BACKBONE.NAME "D2SwinTransformer");
     # names and defaults of Mask2Former's release (Swin-T, ImageNet-1k 224 px)
@@ -153,10 +156,13 @@ def add_openseg_config(cfg: CN) -> None:
     # ("What holds back open-vocabulary segmentation?"); any of them makes the test mapper keep
     # the ground truth and the model read it
     cfg.TEST.ORACLE = CN()
-    cfg.TEST.ORACLE.SEGMENTATION = False  # ground-truth masks, classified by the model
-    cfg.TEST.ORACLE.CLASSIFICATION = False  # masks with IoU > CLASSIFICATION_IOU take the GT class
-    cfg.TEST.ORACLE.MASK_SELECTION = False  # keep only the queries Hungarian-matched to GT
-    cfg.TEST.ORACLE.DROP_NO_OBJECT = False  # ignore the no-object logit
+    # (rows of the paper's Tables 2-4: openseg.modeling.oracles.PAPER_ROWS)
+    cfg.TEST.ORACLE.SEGMENTATION = False  # ground-truth masks, classified by the model (Sec. 4.1)
+    # final panoptic segments with IoU > CLASSIFICATION_IOU take the GT class (Sec. 4.2); with
+    # MASK_SELECTION: matched masks take the one-hot class of their GT segment (Table 4 row 3)
+    cfg.TEST.ORACLE.CLASSIFICATION = False
+    cfg.TEST.ORACLE.MASK_SELECTION = False  # keep only the Hungarian-matched masks (Table 3 row 2)
+    cfg.TEST.ORACLE.DROP_NO_OBJECT = False  # remove the no-object logit (with selection: row 3)
     cfg.TEST.ORACLE.CLASSIFICATION_IOU = 0.5
 
 

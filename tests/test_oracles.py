@@ -1,8 +1,10 @@
-"""Ground-truth oracles: each one's defining property, against brute-force references."""
+"""Ground-truth oracles of "What holds back open-vocabulary segmentation?" (Sec. 4.1-4.3):
+hand-built images whose expected panoptic outputs follow from the paper's definitions, run
+through `OpenSegMaskFormer.postprocess` (the shared inference every subclass uses)."""
 
 import itertools
-import math
 import os
+import re
 
 import numpy as np
 import pytest
@@ -10,146 +12,27 @@ import torch
 from detectron2.data import DatasetCatalog
 from detectron2.evaluation import inference_on_dataset
 from detectron2.modeling import build_model
-from detectron2.structures import Instances
+from detectron2.structures import ImageList, Instances
 
 from openseg.config import load_config
+from openseg.data.datasets.common import register_subset
 from openseg.data.mappers import build_mapper
 from openseg.engine import Trainer
 from openseg.evaluation.panoptic import PanopticEvaluator
+from openseg.modeling.meta_arch import OpenSegMaskFormer
 from openseg.modeling.oracles import (
+    PAPER_ROWS,
     OracleSwitches,
     apply_oracles,
     ground_truth_of_input,
     match_masks,
-    oracle_combinations,
+    oracle_variants,
 )
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_CONFIG = os.path.join(ROOT, "configs", "demo", "maskformer_R18.yaml")
-
-
-def random_case(seed=0, queries=6, targets=3, classes=4, size=8):
-    generator = torch.Generator().manual_seed(seed)
-    mask_cls = torch.randn(queries, classes + 1, generator=generator)
-    mask_pred = 3 * torch.randn(queries, size, size, generator=generator)
-    gt_labels = torch.randint(0, classes, (targets,), generator=generator)
-    gt_masks = torch.rand(targets, size, size, generator=generator) > 0.5
-    return mask_cls, mask_pred, gt_labels, gt_masks
-
-
-def no_classifier(masks):
-    raise AssertionError("classify_masks must not be called")
-
-
-def brute_force_iou(a, b):
-    a, b = a.numpy().astype(bool), b.numpy().astype(bool)
-    union = np.logical_or(a, b).sum()
-    return np.logical_and(a, b).sum() / union if union else 0.0
-
-
-def test_classification_oracle_gives_gt_class_to_every_mask_with_iou_above_half():
-    torch.manual_seed(0)
-    mask_cls, mask_pred, gt_labels, gt_masks = random_case(queries=12, size=6)
-    # make some queries near-copies of ground-truth masks so both cases occur
-    mask_pred[0] = torch.where(gt_masks[1], 4.0, -4.0)
-    mask_pred[1] = torch.where(gt_masks[2], 4.0, -4.0)
-    mask_pred[1, 0, :3] *= -1
-    switches = OracleSwitches(classification=True)
-    new_cls, new_pred = apply_oracles(
-        switches, mask_cls, mask_pred, gt_labels, gt_masks, (6, 6), no_classifier
-    )
-    torch.testing.assert_close(new_pred, mask_pred)
-    hits = 0
-    for q in range(mask_cls.shape[0]):
-        ious = [brute_force_iou(mask_pred[q] > 0, gt_masks[j]) for j in range(len(gt_labels))]
-        best = int(np.argmax(ious))
-        old_probs, new_probs = mask_cls[q].softmax(-1), new_cls[q].softmax(-1)
-        if ious[best] > 0.5:
-            hits += 1
-            assert int(new_probs[:-1].argmax()) == int(gt_labels[best])
-            assert math.isclose(float(new_probs[:-1].sum()), 1 - float(old_probs[-1]), abs_tol=1e-5)
-            assert math.isclose(float(new_probs[-1]), float(old_probs[-1]), abs_tol=1e-5)
-        else:
-            torch.testing.assert_close(new_cls[q], mask_cls[q])
-    assert hits >= 2
-
-
-def naive_mask_cost(pred_logits, target):
-    """Mean BCE + dice over all pixels, from the formulas."""
-    p = 1 / (1 + np.exp(-pred_logits.numpy().ravel().astype(np.float64)))
-    t = target.numpy().ravel().astype(np.float64)
-    bce = -np.mean(t * np.log(p) + (1 - t) * np.log(1 - p))
-    dice = 1 - (2 * (p * t).sum() + 1) / (p.sum() + t.sum() + 1)
-    return 5 * bce + 5 * dice
-
-
-def test_mask_selection_keeps_exactly_the_optimal_assignment():
-    mask_cls, mask_pred, gt_labels, gt_masks = random_case(seed=3, queries=5, targets=3)
-    cost = np.array([[naive_mask_cost(mask_pred[q], gt_masks[j]) for j in range(3)] for q in range(5)])
-    best = min(itertools.permutations(range(5), 3), key=lambda qs: sum(cost[q, j] for j, q in enumerate(qs)))
-    query_index, gt_index = match_masks(mask_pred, gt_masks, (8, 8))
-    assert {(int(q), int(j)) for q, j in zip(query_index, gt_index)} == {(q, j) for j, q in enumerate(best)}
-
-    new_cls, new_pred = apply_oracles(
-        OracleSwitches(mask_selection=True), mask_cls, mask_pred, gt_labels, gt_masks, (8, 8),
-        no_classifier,
-    )
-    kept = sorted(best)
-    torch.testing.assert_close(new_pred, mask_pred[kept])
-    probs = new_cls.softmax(-1)
-    assert torch.all(probs[:, -1] < 1e-6)
-    torch.testing.assert_close(probs[:, :-1], mask_cls[kept, :-1].softmax(-1), atol=1e-5, rtol=1e-5)
-
-    # + segmentation: the kept queries' masks become their matched ground truth
-    _, seg_pred = apply_oracles(
-        OracleSwitches(mask_selection=True, segmentation=True), mask_cls, mask_pred, gt_labels,
-        gt_masks, (8, 8), no_classifier,
-    )
-    for row, q in enumerate(kept):
-        assert torch.equal(seg_pred[row] > 0, gt_masks[best.index(q)])
-
-
-def test_drop_no_object_renormalises_over_classes():
-    mask_cls, mask_pred, gt_labels, gt_masks = random_case()
-    new_cls, _ = apply_oracles(
-        OracleSwitches(drop_no_object=True), mask_cls, mask_pred, gt_labels, gt_masks, (8, 8),
-        no_classifier,
-    )
-    probs = new_cls.softmax(-1)
-    expected = np.exp(mask_cls[:, :-1].numpy())
-    expected /= expected.sum(1, keepdims=True)
-    np.testing.assert_allclose(probs[:, :-1].numpy(), expected, atol=1e-6)
-    assert float(probs[:, -1].max()) < 1e-6
-
-
-def test_segmentation_oracle_uses_gt_masks_and_the_models_mask_classifier():
-    mask_cls, mask_pred, gt_labels, gt_masks = random_case()
-    seen = []
-
-    def classifier(masks):
-        seen.append(masks)
-        return torch.arange(3 * 5, dtype=torch.float32).view(3, 5)
-
-    new_cls, new_pred = apply_oracles(
-        OracleSwitches(segmentation=True), mask_cls, mask_pred, gt_labels, gt_masks, (8, 8),
-        classifier,
-    )
-    assert torch.equal(seen[0], gt_masks)
-    assert torch.equal(new_pred > 0, gt_masks) and torch.all(new_pred.abs() >= 10)
-    torch.testing.assert_close(new_cls[:, :4], torch.arange(15, dtype=torch.float32).view(3, 5)[:, :4])
-    assert float(new_cls.softmax(-1)[:, -1].max()) < 1e-6  # ground truth is never no-object
-
-
-def test_oracle_without_ground_truth_and_bad_labels_fail_clearly():
-    with pytest.raises(KeyError, match="instances"):
-        ground_truth_of_input({"image": torch.zeros(3, 4, 4)}, (4, 4), torch.device("cpu"))
-    mask_cls, mask_pred, _, gt_masks = random_case(classes=4)
-    with pytest.raises(ValueError, match="class 7"):
-        apply_oracles(
-            OracleSwitches(classification=True), mask_cls, mask_pred, torch.tensor([0, 1, 7]),
-            gt_masks, (8, 8), no_classifier,
-        )
-    assert [s.name for s in oracle_combinations()][:2] == ["none", "drop_no_object"]
+NUM_CLASSES = 8  # demo vocabulary: things 0-3, stuff 4-7
+BIG = 12.0  # |mask logit| of hand-built candidate masks
 
 
 def demo_cfg(*opts):
@@ -158,6 +41,249 @@ def demo_cfg(*opts):
         ["DATALOADER.NUM_WORKERS", "0", "MODEL.MASK_FORMER.NUM_OBJECT_QUERIES", "4",
          "MODEL.MASK_FORMER.DEC_LAYERS", "2", *opts],
     )
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return build_model(demo_cfg()).eval()
+
+
+def region(rows, cols, size=8):
+    mask = torch.zeros(size, size, dtype=torch.bool)
+    mask[rows, cols] = True
+    return mask
+
+
+def class_logits(probs):
+    """[Q, K+1] logits from rows {class: probability} (the rest spread evenly)."""
+    rows = []
+    for row in probs:
+        p = torch.full((NUM_CLASSES + 1,), (1 - sum(row.values())) / (NUM_CLASSES + 1 - len(row)))
+        for k, v in row.items():
+            p[k] = v
+        rows.append(p.log())
+    return torch.stack(rows)
+
+
+def run(model, switches, mask_cls, masks, gt_labels, gt_masks, object_threshold=0.5, overlap=0.3):
+    """Post-process one 8x8 image whose candidates are `masks` with logits `mask_cls`."""
+    model.object_mask_threshold = object_threshold
+    model.overlap_threshold = overlap
+    model.oracles = switches
+    instances = Instances((8, 8))
+    instances.gt_classes = torch.tensor(gt_labels)
+    instances.gt_masks = torch.stack(gt_masks)
+    batched = [{"image": torch.zeros(3, 8, 8), "height": 8, "width": 8, "instances": instances}]
+    outputs = {
+        "pred_logits": mask_cls[None],
+        "pred_masks": torch.where(torch.stack(masks), BIG, -BIG)[None],
+    }
+    images = ImageList(torch.zeros(1, 3, 8, 8), [(8, 8)])
+    panoptic, segments = model.postprocess(outputs, batched, images)[0]["panoptic_seg"]
+    return panoptic, {s["id"]: s for s in segments}
+
+
+def segment_classes(panoptic, segments, gt_masks):
+    """For each ground-truth mask, the class of the predicted segment covering all of it, or None."""
+    result = []
+    for gt in gt_masks:
+        ids = panoptic[gt].unique().tolist()
+        result.append(segments[ids[0]]["category_id"] if ids != [0] and len(ids) == 1 else None)
+    return result
+
+
+# ---- classification oracle (Sec. 4.2, Table 2) ------------------------------------------------
+
+def test_classification_oracle_relabels_the_final_panoptic_map_only(model):
+    """GT: top half class 1, bottom-left class 2, bottom-right class 3.
+    q0 (class 5, confident) covers rows 0-5: final IoU with the top half 32/48 > 0.5 -> class 1.
+    q1 (class 6) is exactly bottom-left as a candidate, but q0 takes rows 4-5 of it, so its final
+    segment has IoU exactly 0.5 -> keeps class 6 (relabelling candidates would give class 2).
+    q2 is exactly bottom-right with no-object 0.3 and classes 0.0875 each: inference discards it,
+    and the oracle must not revive it (giving it class 3 before post-processing would)."""
+    top, left, right = region(slice(0, 4), slice(None)), region(slice(4, 8), slice(0, 4)), region(slice(4, 8), slice(4, 8))
+    masks = [region(slice(0, 6), slice(None)), left, right, region(0, 0)]
+    mask_cls = class_logits([{5: 0.95}, {6: 0.9}, {NUM_CLASSES: 0.3}, {NUM_CLASSES: 0.99}])
+    gt_masks = [top, left, right]
+    panoptic, segments = run(model, OracleSwitches(), mask_cls, masks, [1, 2, 3], gt_masks)
+    assert sorted(s["category_id"] for s in segments.values()) == [5, 6]
+
+    panoptic_o, segments_o = run(
+        model, OracleSwitches(classification=True), mask_cls, masks, [1, 2, 3], gt_masks
+    )
+    assert torch.equal(panoptic_o, panoptic)  # the map itself is untouched
+    by_class = {s["category_id"]: s for s in segments_o.values()}
+    assert sorted(by_class) == [1, 6]
+    assert by_class[1]["isthing"] and not by_class[6]["isthing"]
+    assert int((panoptic_o == by_class[6]["id"]).sum()) == 8  # IoU 8 / 16 = 0.5: not relabelled
+    assert (panoptic_o[right & ~masks[0]] == 0).all()  # discarded mask stays discarded
+
+
+# ---- mask-selection oracle (Sec. 4.3, Table 3) -------------------------------------------------
+
+def selection_case():
+    """GT: top half class 1, bottom half class 2. q0: exactly the top half, class 1 (0.9).
+    q1: exactly the bottom half, class 2 (0.39) but no-object 0.6. q2: a confident class-4 strip
+    (column 0) that matches no ground truth better than q0 / q1. q3: empty, no-object."""
+    top, bottom = region(slice(0, 4), slice(None)), region(slice(4, 8), slice(None))
+    masks = [top, bottom, region(slice(None), 0), torch.zeros(8, 8, dtype=torch.bool)]
+    mask_cls = class_logits([{1: 0.9}, {2: 0.39, NUM_CLASSES: 0.6}, {4: 0.95}, {NUM_CLASSES: 0.99}])
+    return mask_cls, masks, [1, 2], [top, bottom]
+
+
+def test_selection_row2_loses_a_correct_mask_to_no_object_and_row3_keeps_it(model):
+    mask_cls, masks, labels, gt_masks = selection_case()
+    none = segment_classes(*run(model, OracleSwitches(), mask_cls, masks, labels, gt_masks), gt_masks)
+    row2 = segment_classes(
+        *run(model, OracleSwitches(mask_selection=True), mask_cls, masks, labels, gt_masks), gt_masks
+    )
+    row3 = segment_classes(
+        *run(model, OracleSwitches(mask_selection=True, drop_no_object=True), mask_cls, masks,
+             labels, gt_masks), gt_masks,
+    )
+    assert none == [None, None]  # the class-4 strip cuts column 0 out of both halves
+    assert row2 == [1, None]  # strip discarded by selection, bottom half lost to no-object
+    assert row3 == [1, 2]  # no-object logit removed: the matched bottom half is kept
+
+
+def test_selection_row2_keeps_the_object_mask_threshold(model):
+    """Standard inference after selection: a matched mask whose best class probability is not
+    above OBJECT_MASK_THRESHOLD is dropped in row 2; row 3 includes every selected mask."""
+    mask_cls, masks, labels, gt_masks = selection_case()
+    mask_cls = class_logits([{1: 0.45}, {2: 0.9}, {4: 0.95}, {NUM_CLASSES: 0.99}])
+    switches = OracleSwitches(mask_selection=True)
+    row2 = run(model, switches, mask_cls, masks, labels, gt_masks, object_threshold=0.5)
+    assert segment_classes(*row2, gt_masks) == [None, 2]
+    row3 = run(
+        model, OracleSwitches(mask_selection=True, drop_no_object=True), mask_cls, masks, labels,
+        gt_masks, object_threshold=0.5,
+    )
+    assert segment_classes(*row3, gt_masks) == [1, 2]
+
+
+def naive_mask_cost(pred_logits, target):
+    """5 x mean BCE + 5 x Dice over all pixels, from the formulas."""
+    p = 1 / (1 + np.exp(-pred_logits.numpy().ravel().astype(np.float64)))
+    t = target.numpy().ravel().astype(np.float64)
+    bce = -np.mean(t * np.log(p) + (1 - t) * np.log(1 - p))
+    dice = 1 - (2 * (p * t).sum() + 1) / (p.sum() + t.sum() + 1)
+    return 5 * bce + 5 * dice
+
+
+def test_mask_selection_matches_the_brute_force_optimal_assignment():
+    generator = torch.Generator().manual_seed(3)
+    mask_pred = 3 * torch.randn(5, 8, 8, generator=generator)
+    gt_masks = torch.rand(3, 8, 8, generator=generator) > 0.5
+    cost = np.array([[naive_mask_cost(mask_pred[q], gt_masks[j]) for j in range(3)] for q in range(5)])
+    best = min(itertools.permutations(range(5), 3), key=lambda qs: sum(cost[q, j] for j, q in enumerate(qs)))
+    query_index, gt_index = match_masks(mask_pred, gt_masks, (8, 8))
+    assert {(int(q), int(j)) for q, j in zip(query_index, gt_index)} == {(q, j) for j, q in enumerate(best)}
+
+
+# ---- selection + segmentation / classification (Table 4) ---------------------------------------
+
+def test_selection_plus_classification_uses_the_matched_class_even_at_low_iou():
+    """A matched candidate overlapping its ground truth with IoU 1/3 takes the ground-truth
+    class one-hot (the classification oracle alone would need IoU > 0.5)."""
+    gt_masks = torch.stack([region(slice(0, 4), slice(0, 4))])
+    mask_pred = torch.where(torch.stack([region(slice(0, 2), slice(0, 8))]), BIG, -BIG)
+    mask_cls = class_logits([{5: 0.9}])
+    switches = OracleSwitches(mask_selection=True, drop_no_object=True, classification=True)
+    new_cls, new_pred = apply_oracles(
+        switches, mask_cls, mask_pred, torch.tensor([2]), gt_masks, (8, 8), None
+    )
+    torch.testing.assert_close(new_pred, mask_pred)
+    probs = new_cls.softmax(-1)
+    assert float(probs[0, 2]) == pytest.approx(1.0) and float(probs[0, -1]) < 1e-6
+
+
+def test_selection_plus_segmentation_keeps_the_models_classes_on_ground_truth_masks(model):
+    mask_cls, masks, labels, gt_masks = selection_case()
+    shifted = [region(slice(0, 3), slice(None)), region(slice(3, 8), slice(None))] + masks[2:]
+    switches = OracleSwitches(mask_selection=True, drop_no_object=True, segmentation=True)
+    panoptic, segments = run(model, switches, mask_cls, shifted, labels, gt_masks)
+    assert segment_classes(panoptic, segments, gt_masks) == [1, 2]
+    assert {int(i) for i in panoptic.unique()} == set(segments)  # nothing outside the GT masks
+    # the model's own class for a wrong one: relabelled only by the classification oracle
+    wrong = class_logits([{3: 0.9}, {2: 0.39, NUM_CLASSES: 0.6}, {4: 0.95}, {NUM_CLASSES: 0.99}])
+    assert segment_classes(*run(model, switches, wrong, shifted, labels, gt_masks), gt_masks) == [3, 2]
+
+
+# ---- segmentation oracle (Sec. 4.1) --------------------------------------------------------------
+
+def test_segmentation_oracle_classifies_ground_truth_masks_with_the_models_classifier():
+    gt_masks = torch.stack([region(slice(0, 4), slice(None)), region(slice(4, 8), slice(None))])
+    seen = []
+
+    def classifier(masks):
+        seen.append(masks)
+        return class_logits([{3: 0.3, NUM_CLASSES: 0.6}, {6: 0.5}])
+
+    new_cls, new_pred = apply_oracles(
+        OracleSwitches(segmentation=True), class_logits([{0: 0.9}] * 3), torch.zeros(3, 8, 8),
+        torch.tensor([1, 2]), gt_masks, (8, 8), classifier,
+    )
+    assert torch.equal(seen[0], gt_masks)
+    assert torch.equal(new_pred > 0, gt_masks) and torch.all(new_pred.abs() >= 10)
+    assert new_cls.softmax(-1)[:, :-1].argmax(-1).tolist() == [3, 6]  # no-object excluded
+
+
+class LowConfidenceMaskClassifier(OpenSegMaskFormer):
+    """Classifies any mask as class 1 (0.2) with no-object most likely (0.7)."""
+
+    def classify_masks(self, outputs, image_index, masks, mask_cls, mask_pred, image_size):
+        return class_logits([{1: 0.2, NUM_CLASSES: 0.7}] * masks.shape[0])
+
+
+def test_segmentation_oracle_keeps_one_segment_per_ground_truth_mask():
+    """"one [perfect binary mask] for each panoptic segment": each ground-truth mask becomes a
+    segment with the classifier's best class, whatever no-object and the threshold say."""
+    torch.manual_seed(0)
+    model = LowConfidenceMaskClassifier(demo_cfg()).eval()
+    gt_masks = [
+        region(slice(0, 4), slice(None)), region(slice(4, 8), slice(0, 3)),
+        region(slice(5, 8), slice(3, 8)),
+    ]
+    mask_cls, masks, _, _ = selection_case()
+    panoptic, segments = run(
+        model, OracleSwitches(segmentation=True), mask_cls, masks, [2, 3, 5], gt_masks,
+        object_threshold=0.8,
+    )
+    assert segment_classes(panoptic, segments, gt_masks) == [1, 1, 1]
+    assert len(segments) == 3 and (panoptic[gt_masks[0] | gt_masks[1] | gt_masks[2]] > 0).all()
+
+
+def test_segmentation_plus_classification_gives_pq_100_on_demo_data(tmp_path):
+    torch.manual_seed(0)
+    cfg = demo_cfg(
+        "TEST.ORACLE.SEGMENTATION", "True", "TEST.ORACLE.CLASSIFICATION", "True",
+        "OUTPUT_DIR", str(tmp_path),
+    )
+    model = build_model(cfg).eval()  # random weights: everything comes from the oracles
+    dataset = register_subset("openseg_demo_val", 6)
+    loader = Trainer.build_test_loader(cfg, dataset)
+    evaluator = PanopticEvaluator(dataset, str(tmp_path), distributed=False)
+    results = inference_on_dataset(model, loader, evaluator)["panoptic_seg"]
+    assert results["PQ"] == pytest.approx(100.0)
+    assert results["PQ_unseen"] == pytest.approx(100.0)
+
+
+# ---- switches, documentation and bad input ----------------------------------------------------
+
+def test_paper_rows_and_the_readme_lines_agree():
+    """projects/fcclip/README.md lists each table row as "Table N row M: KEY VALUE ..."."""
+    with open(os.path.join(ROOT, "projects", "fcclip", "README.md")) as f:
+        lines = dict(re.findall(r"^Table (\d row \d): (.*)$", f.read(), flags=re.M))
+    for (table, row), (_, switches) in PAPER_ROWS.items():
+        opts = " ".join(switches.config_opts()) or "(no oracle)"
+        assert lines.pop(f"{table} row {row}").strip("` ") == opts
+    assert PAPER_ROWS[3, 2][1] == OracleSwitches(mask_selection=True)
+    assert PAPER_ROWS[3, 3][1] == OracleSwitches(mask_selection=True, drop_no_object=True)
+    assert PAPER_ROWS[4, 1][1] == PAPER_ROWS[3, 3][1]
+    assert [s.name for s in oracle_variants()][:2] == ["none", "classification"]
+    cfg = demo_cfg(*PAPER_ROWS[4, 3][1].config_opts())
+    assert OracleSwitches.from_config(cfg) == PAPER_ROWS[4, 3][1]
 
 
 def test_test_mapper_keeps_ground_truth_only_under_an_oracle():
@@ -170,64 +296,35 @@ def test_test_mapper_keeps_ground_truth_only_under_an_oracle():
     assert len(kept["instances"]) == len(record["segments_info"])
 
 
-def test_segmentation_oracle_keeps_every_ground_truth_segment():
-    """Random weights give low-confidence classes; the oracle still decides which masks exist."""
-    torch.manual_seed(0)
-    cfg = demo_cfg("TEST.ORACLE.SEGMENTATION", "True")
-    model = build_model(cfg).eval()
-    mapper = build_mapper(cfg, is_train=False)
-    records = DatasetCatalog.get("openseg_demo_val")[:2]
-    with torch.no_grad():
-        outputs = model([mapper(r) for r in records])
-    for record, output in zip(records, outputs):
-        from panopticapi.utils import rgb2id
-        from PIL import Image
-
-        gt_ids = rgb2id(np.asarray(Image.open(record["pan_seg_file_name"]).convert("RGB")))
-        labelled = np.isin(gt_ids, [s["id"] for s in record["segments_info"]])
-        id_map = output["panoptic_seg"][0].numpy()
-        assert (id_map[labelled] > 0).all()
-        for segment in record["segments_info"]:  # each segment lies inside one predicted segment
-            assert len(np.unique(id_map[gt_ids == segment["id"]])) == 1
+def test_oracles_name_what_is_missing(model):
+    with pytest.raises(KeyError, match="instances"):
+        ground_truth_of_input({"image": torch.zeros(3, 4, 4)}, (4, 4), torch.device("cpu"))
+    mask_cls = class_logits([{0: 0.9}] * 3)
+    with pytest.raises(ValueError, match="class 9"):
+        apply_oracles(
+            OracleSwitches(mask_selection=True), mask_cls, torch.zeros(3, 8, 8),
+            torch.tensor([0, 9]), torch.zeros(2, 8, 8, dtype=torch.bool), (8, 8), None,
+        )
+    # a MaskFormer classifies its queries, not given masks
+    with pytest.raises(ValueError, match="SEGMENTATION alone needs a classifier"):
+        build_model(demo_cfg("TEST.ORACLE.SEGMENTATION", "True"))
+    with pytest.raises(ValueError, match="PANOPTIC_ON"):
+        build_model(demo_cfg("TEST.ORACLE.CLASSIFICATION", "True",
+                             "MODEL.MASK_FORMER.TEST.PANOPTIC_ON", "False"))
+    with pytest.raises(ValueError, match="CLASSIFICATION_IOU"):
+        OracleSwitches.from_config(demo_cfg("TEST.ORACLE.CLASSIFICATION_IOU", "1.0"))
 
 
-def test_segmentation_oracle_with_perfect_classifier_gives_pq_100_on_demo_data(tmp_path):
-    torch.manual_seed(0)
-    cfg = demo_cfg(
-        "TEST.ORACLE.SEGMENTATION", "True", "TEST.ORACLE.CLASSIFICATION", "True",
-        "OUTPUT_DIR", str(tmp_path),
-    )
-    model = build_model(cfg).eval()  # random weights: everything comes from the oracles
-    loader = Trainer.build_test_loader(cfg, "openseg_demo_val")
-    evaluator = PanopticEvaluator("openseg_demo_val", str(tmp_path), distributed=False)
-    results = inference_on_dataset(model, loader, evaluator)["panoptic_seg"]
-    assert results["PQ"] == pytest.approx(100.0)
-    assert results["PQ_unseen"] == pytest.approx(100.0)
+def test_ground_truth_reaches_the_output_size_of_the_panoptic_map():
+    """The classification oracle compares final segments (at the input's height x width) with
+    ground truth given in the padded, resized frame: crop the padding, then nearest resize."""
+    from openseg.modeling.oracles import ground_truth_at_output
 
-
-def load_oracle_study():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(
-        "oracle_study", os.path.join(ROOT, "tools", "oracle_study.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_oracle_study_tables_and_plot(tmp_path):
-    study = load_oracle_study()
-    per_class = [
-        {"name": "a", "splits": ["seen"], "PQ": 0.5, "TP": 3, "FN": 1, "FN_seg": 1, "FN_cls": 0},
-        {"name": "b", "splits": ["unseen"], "PQ": 0.1, "TP": 0, "FN": 4, "FN_seg": 1, "FN_cls": 3},
-        {"name": "c", "splits": ["seen"], "PQ": 0.2, "TP": 1, "FN": 4, "FN_seg": 4, "FN_cls": 0},
-    ]
-    assert [row["class"] for row in study.worst_classes(per_class, 2)] == ["b", "c"]
-    cfg = study.with_oracles(demo_cfg(), OracleSwitches(mask_selection=True, classification=True))
-    assert (cfg.TEST.ORACLE.MASK_SELECTION, cfg.TEST.ORACLE.CLASSIFICATION) == (True, True)
-    assert not cfg.TEST.ORACLE.SEGMENTATION
-    rows = [{"variant": "none", "PQ": 10.0, "PQ_seen": 12.0, "PQ_unseen": float("nan")}]
-    assert "| none" in study.markdown_table(rows)
-    study.bar_plot(rows, str(tmp_path / "plot.png"), "test")
-    assert (tmp_path / "plot.png").stat().st_size > 1000
+    padded = torch.zeros(1, 6, 6, dtype=torch.bool)
+    padded[0, 0, 1] = True
+    padded[0, 5, 5] = True  # padding: dropped
+    resized = ground_truth_at_output(padded, (4, 4), (8, 8))
+    expected = torch.zeros(1, 8, 8, dtype=torch.bool)
+    expected[0, 0:2, 2:4] = True
+    assert torch.equal(resized, expected)
+    assert ground_truth_at_output(padded[:0], (4, 4), (8, 8)).shape == (0, 8, 8)

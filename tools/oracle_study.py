@@ -1,211 +1,224 @@
 #!/usr/bin/env python
-"""The oracle study of "What holds back open-vocabulary segmentation?" for one config.
+"""The study of "What holds back open-vocabulary segmentation?" (Sec. 4): Tables 1-5 and
+Figure 4 for several models side by side.
 
-    python tools/oracle_study.py --config-file CFG --output DIR \
-        [--vlm-models convnext_large_d_320=/ckpt/convnext_l.bin,RN50] [--vlm-resolutions 320,640] \
-        [--top-classes 10] MODEL.WEIGHTS model_final.pth [KEY VALUE ...]
+    python tools/oracle_study.py --output DIR \
+        --model FC-CLIP configs/ade20k/fcclip/fcclip_convnext_large_coco_to_ade20k_panoptic.yaml fcclip.pth \
+        --model MAFT+ CONFIG WEIGHTS \
+        [--vlm all --vlm-root /ckpt/vlms] [--vlm-settings 512,640,800x1333] \
+        [--in-domain 300 CONFIG WEIGHTS ...] [-- KEY VALUE ...]
 
-Writes to DIR:
-- oracles: PQ / PQ_seen / PQ_unseen (and SQ, RQ, FN_seg, FN_cls) of the model under every
-  oracle combination (openseg.modeling.oracles.oracle_combinations), evaluated only;
-- vlm_gt_masks: zero-shot PQ of bare open_clip models classifying the ground-truth masks
-  (dense CLIP features mask-pooled, against the test vocabulary's text embeddings), for each
-  model x input resolution (shorter image side);
-- worst_classes: per-class TP / FN_seg / FN_cls of the classes with the most false negatives
-  without oracles (FN_seg: no prediction overlaps the segment with IoU > 0.5; FN_cls: one
-  does, with the wrong class);
-as study.md (Markdown tables), study.json and study.png (bar plot of the oracle variants).
-The test dataset (cfg.DATASETS.TEST[0]) must have panoptic ground truth.
+- Table 1: bare CLIP models (`--vlm`, keys of openseg.modeling.vlm_oracle.VLM_MODELS, weights
+  under --vlm-root) classify the ground-truth masks (segmentation oracle, Sec. 4.1) at each
+  resolution setting.
+- Tables 2-4: every `--model` under the oracle settings of openseg.modeling.oracles.PAPER_ROWS
+  (classification; selection; selection + no-object dropped; + segmentation / classification),
+  one row block per model.
+- Table 5: the classes whose recall (TP / (TP + FN)) is below --recall-below for the first
+  model and whose TP drop against the in-domain model (the `--in-domain` entry with the most
+  training images, with ensembling) is largest; TP / FN_seg / FN_cls of every model.
+- Figure 4: PQ of each `--in-domain` model (trained on NUM_IMAGES images of the target
+  domain) with and without ensembling (`--no-ensemble-opts`) against the training-set size,
+  and each `--model` without oracles as a horizontal line.
+
+Every PQ has seen / unseen columns: the test set's `class_splits`, or the split against the
+models' training set (openseg.evaluation.builder.ensure_class_splits). KEY VALUE overrides
+(after "--") apply to every config. Writes study.md, study.json, figure4.png and oracles.png to DIR.
 """
 import argparse
 import json
 import logging
 import math
 import os
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 from detectron2.config import CfgNode
-from detectron2.data import MetadataCatalog, build_detection_test_loader
+from detectron2.data import DatasetCatalog, MetadataCatalog, build_detection_test_loader
 from detectron2.evaluation import inference_on_dataset
-from detectron2.modeling import build_backbone, build_model
+from detectron2.modeling import build_model
 from detectron2.utils.logger import setup_logger
 from tabulate import tabulate
-from torch import Tensor
 
 import openseg  # noqa: F401  (registers datasets, architectures, projects' configs)
 from openseg.checkpoint import OpenSegCheckpointer
 from openseg.config import load_config
 from openseg.data.mappers import build_mapper
-from openseg.data.vocab import get_vocabulary
+from openseg.evaluation.builder import ensure_class_splits
 from openseg.evaluation.panoptic import PanopticEvaluator
-from openseg.modeling.oracles import OracleSwitches, ground_truth_of_input, oracle_combinations
-from openseg.modeling.text import OpenCLIPTextEncoder, class_embeddings, templates_from_config
-from openseg.projects.fcclip import mask_pool
+from openseg.modeling.meta_arch import OpenSegMaskFormer
+from openseg.modeling.oracles import PAPER_ROWS, OracleSwitches, oracle_variants
+from openseg.modeling.vlm_oracle import TABLE1_SETTINGS, VLM_MODELS, evaluate_vlm
 
 logger = logging.getLogger("openseg.oracle_study")
-METRICS = ("PQ", "PQ_seen", "PQ_unseen", "SQ", "RQ", "FN_seg", "FN_cls")
+PQ_COLUMNS = ("PQ", "PQ_seen", "PQ_unseen")
+NO_ENSEMBLE_OPTS = "MODEL.FC_CLIP.GEOMETRIC_ENSEMBLE_ALPHA 0.0 MODEL.FC_CLIP.GEOMETRIC_ENSEMBLE_BETA 0.0"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--config-file", required=True)
-    parser.add_argument("--output", required=True, help="folder for study.{md,json,png}")
+    parser.add_argument("--output", required=True, help="folder for study.{md,json} and plots")
     parser.add_argument(
-        "--vlm-models", default=None,
-        help="comma-separated open_clip models for the ground-truth-mask study, NAME or "
-        "NAME=CHECKPOINT; "
-        "default: the config's MODEL.CLIP.MODEL_NAME=PRETRAINED_PATH when its backbone is "
-        "CLIP; 'none': skip",
+        "--model", action="append", nargs="+", default=[], metavar="NAME CONFIG [WEIGHTS]",
+        help="an open-vocabulary model of Tables 2-5 (repeat for several); WEIGHTS defaults "
+        "to the config's MODEL.WEIGHTS",
     )
     parser.add_argument(
-        "--vlm-resolutions", default=None,
-        help="comma-separated shorter image sides for the VLM study (default: INPUT.MIN_SIZE_TEST)",
+        "--in-domain", action="append", nargs=3, default=[], metavar=("NUM_IMAGES", "CONFIG", "WEIGHTS"),
+        help="a model trained on NUM_IMAGES images of the test domain (Figure 4, Table 5)",
     )
-    parser.add_argument("--top-classes", type=int, default=10)
-    parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
-    return parser.parse_args(argv)
+    parser.add_argument(
+        "--no-ensemble-opts", default=NO_ENSEMBLE_OPTS,
+        help="overrides that turn the CLIP ensemble off (Figure 4, blue)",
+    )
+    parser.add_argument(
+        "--vlm", action="append", default=[],
+        help=f"Table 1 model key ({', '.join(VLM_MODELS)}) or 'all'; repeatable",
+    )
+    parser.add_argument("--vlm-root", default="", help="folder holding one sub-folder per VLM key")
+    parser.add_argument(
+        "--vlm-settings", default=",".join(TABLE1_SETTINGS),
+        help=f"comma-separated resolution settings of Table 1 ({', '.join(TABLE1_SETTINGS)})",
+    )
+    parser.add_argument("--table5-classes", type=int, default=5)
+    parser.add_argument("--recall-below", type=float, default=0.1)
+    parser.add_argument(
+        "opts", nargs=argparse.REMAINDER, help="-- KEY VALUE ...: overrides of every config"
+    )
+    args = parser.parse_args(argv)
+    for entry in args.model:
+        if len(entry) not in (2, 3):
+            parser.error(
+                f"--model {' '.join(entry)}: give NAME CONFIG [WEIGHTS]; put config overrides "
+                "after '--' (... --model NAME CONFIG -- KEY VALUE)"
+            )
+    if args.opts and args.opts[0] == "--":
+        args.opts = args.opts[1:]
+    if not args.model and not args.vlm:
+        parser.error("nothing to study: give at least one --model or --vlm")
+    return args
 
 
-def with_oracles(cfg: CfgNode, switches: OracleSwitches) -> CfgNode:
+def model_config(config_file: str, weights: Optional[str], opts: Sequence[str]) -> CfgNode:
+    cfg = load_config(config_file, list(opts) + (["MODEL.WEIGHTS", weights] if weights else []))
+    if not cfg.DATASETS.TEST:
+        raise ValueError(f"{config_file}: DATASETS.TEST is empty; name the dataset to study.")
+    return cfg
+
+
+def check_test_set(cfg: CfgNode, source: str) -> str:
+    """The panoptic test set of `cfg`, given seen / unseen `class_splits`; fails naming what
+    is missing (panoptic ground truth, a training set to split against)."""
+    dataset = cfg.DATASETS.TEST[0]
+    records = DatasetCatalog.get(dataset)
+    if not records or any("pan_seg_file_name" not in r or "segments_info" not in r for r in records[:1]):
+        raise ValueError(
+            f"{source}: test set {dataset!r} has no panoptic ground truth (pan_seg_file_name / "
+            "segments_info); the oracles and PQ need a panoptic test set (DATASETS.TEST)."
+        )
+    ensure_class_splits(cfg, dataset)
+    splits = MetadataCatalog.get(dataset).get("class_splits", None) or {}
+    if "seen" not in splits or "unseen" not in splits:
+        raise ValueError(
+            f"{source}: test set {dataset!r} has no seen / unseen class_splits and the config "
+            "names no DATASETS.TRAIN to split against."
+        )
+    return dataset
+
+
+def evaluator_for(dataset: str, output_dir: str) -> PanopticEvaluator:
+    return PanopticEvaluator(dataset, output_dir, distributed=False)
+
+
+def evaluate_model(
+    cfg: CfgNode, variants: Sequence[OracleSwitches], output_dir: str
+) -> Dict[str, Dict]:
+    """{variant name: {"summary", "per_class"}} of one model under each oracle setting."""
+    dataset = cfg.DATASETS.TEST[0]
+    model = build_model(cfg).eval()
+    if not isinstance(model, OpenSegMaskFormer):
+        raise TypeError(
+            f"{type(model).__name__} (MODEL.META_ARCHITECTURE) is not an OpenSegMaskFormer: the "
+            "oracles need its per-query class and mask outputs."
+        )
+    OpenSegCheckpointer.from_config(cfg, model).load(cfg.MODEL.WEIGHTS)
+    results = {}
+    for switches in variants:
+        model.oracles = switches
+        variant_cfg = load_config_with(cfg, switches.config_opts())
+        loader = build_detection_test_loader(
+            variant_cfg, dataset, mapper=build_mapper(variant_cfg, is_train=False)
+        )
+        out = os.path.join(output_dir, switches.name)
+        with torch.no_grad():
+            summary = inference_on_dataset(model, loader, evaluator_for(dataset, out))["panoptic_seg"]
+        with open(os.path.join(out, "panoptic_seg_metrics.json")) as f:
+            per_class = json.load(f)["per_class"]
+        results[switches.name] = {"summary": dict(summary), "per_class": per_class}
+        logger.info("%s / %s: PQ %.2f", output_dir, switches.name, summary["PQ"])
+    return results
+
+
+def load_config_with(cfg: CfgNode, opts: Sequence[str]) -> CfgNode:
     cfg = cfg.clone()
     cfg.defrost()
-    for key in ("segmentation", "classification", "mask_selection", "drop_no_object"):
-        cfg.TEST.ORACLE[key.upper()] = getattr(switches, key)
+    cfg.merge_from_list(list(opts))
     cfg.freeze()
     return cfg
 
 
-def panoptic_metrics(results: Dict, evaluator_dir: str) -> Tuple[Dict, List[Dict]]:
-    """(summary, per-class rows) from the evaluator's results and the metrics JSON it wrote."""
-    summary = dict(results["panoptic_seg"])
-    with open(os.path.join(evaluator_dir, "panoptic_seg_metrics.json")) as f:
-        per_class = json.load(f)["per_class"]
-    return summary, per_class
+def pq_cells(summary: Dict) -> List[float]:
+    return [summary.get(column, math.nan) for column in PQ_COLUMNS]
 
 
-def evaluate_oracles(cfg: CfgNode, output_dir: str) -> Tuple[List[Dict], List[Dict]]:
-    """Every oracle combination on cfg.DATASETS.TEST[0]: one row of metrics per variant and
-    the per-class rows of the variant without oracles."""
-    dataset = cfg.DATASETS.TEST[0]
-    model = build_model(cfg).eval()
-    OpenSegCheckpointer.from_config(cfg, model).load(cfg.MODEL.WEIGHTS)
-    if not hasattr(model, "oracles"):
-        raise TypeError(
-            f"{type(model).__name__} has no `oracles`: the study needs an OpenSegMaskFormer "
-            "(sub)class (cfg.MODEL.META_ARCHITECTURE)."
-        )
-    rows, baseline_classes = [], []
-    for switches in oracle_combinations():
-        variant_cfg = with_oracles(cfg, switches)
-        model.oracles = switches
-        loader = build_detection_test_loader(
-            variant_cfg, dataset, mapper=build_mapper(variant_cfg, is_train=False)
-        )
-        evaluator_dir = os.path.join(output_dir, "oracles", switches.name)
-        evaluator = PanopticEvaluator(dataset, evaluator_dir, distributed=False)
-        with torch.no_grad():
-            results = inference_on_dataset(model, loader, evaluator)
-        summary, per_class = panoptic_metrics(results, evaluator_dir)
-        rows.append({"variant": switches.name, **{m: summary.get(m, math.nan) for m in METRICS}})
-        if not switches.enabled:
-            baseline_classes = per_class
-        logger.info("oracle %s: PQ %.2f", switches.name, summary["PQ"])
-    return rows, baseline_classes
+def oracle_tables(results: Dict[str, Dict[str, Dict]]) -> Dict[int, List[Dict]]:
+    """Rows of Tables 2-4: per model the rows of PAPER_ROWS, in table order."""
+    tables: Dict[int, List[Dict]] = {2: [], 3: [], 4: []}
+    for model_name, variants in results.items():
+        for (table, row), (label, switches) in PAPER_ROWS.items():
+            summary = variants[switches.name]["summary"]
+            entry = {"model": model_name, "row": row, "setting": label,
+                     "oracles": switches.name}
+            if table == 4:
+                entry["+ oracle seg."] = "✓" if switches.segmentation else "-"
+                entry["+ oracle cls."] = "✓" if switches.classification else "-"
+            entry.update(zip(PQ_COLUMNS, pq_cells(summary)))
+            tables[table].append(entry)
+    return tables
 
 
-def parse_vlm_model(spec: str) -> Tuple[str, str]:
-    name, _, path = spec.partition("=")
-    return name, path
+def recall(row: Dict) -> float:
+    total = row["TP"] + row["FN"]
+    return row["TP"] / total if total else math.nan
 
 
-def vlm_gt_mask_predictions(
-    backbone, text_embeddings: Tensor, batched_input: Dict, pixel_mean: Tensor, pixel_std: Tensor
-) -> Dict:
-    """Panoptic prediction that keeps every ground-truth segment and gives it the class whose
-    text embedding is closest to the mask-pooled dense CLIP features (area-weighted)."""
-    image = batched_input["image"].float().to(pixel_mean.device)
-    height, width = image.shape[-2:]
-    divisor = backbone.size_divisibility
-    padded = (math.ceil(height / divisor) * divisor, math.ceil(width / divisor) * divisor)
-    normalised = F.pad((image - pixel_mean) / pixel_std, (0, padded[1] - width, 0, padded[0] - height))
-    labels, masks = ground_truth_of_input(batched_input, padded, pixel_mean.device)
-    dense = backbone.dense_clip_features(backbone(normalised[None]))
-    coverage = F.interpolate(masks[None].float(), size=dense.shape[-2:], mode="area")
-    pooled = F.normalize(mask_pool(dense, coverage)[0], dim=-1)
-    predicted = (pooled @ text_embeddings.T).argmax(-1) if len(labels) else labels
-    id_map = torch.zeros(padded, dtype=torch.int32, device=masks.device)
-    segments = []
-    for index, (mask, category) in enumerate(zip(masks, predicted.tolist())):
-        id_map[mask] = index + 1
-        segments.append({"id": index + 1, "category_id": int(category)})
-    id_map = id_map[:height, :width]
-    out_hw = (batched_input.get("height", height), batched_input.get("width", width))
-    if tuple(out_hw) != (height, width):
-        id_map = F.interpolate(id_map[None, None].float(), size=out_hw, mode="nearest")[0, 0].int()
-    return {"panoptic_seg": (id_map, segments)}
-
-
-def evaluate_vlms(
-    cfg: CfgNode, models: Sequence[str], resolutions: Sequence[int], output_dir: str
+def table5(
+    per_class: Dict[str, List[Dict]], in_domain: Optional[List[Dict]], top: int,
+    recall_below: float,
 ) -> List[Dict]:
-    """Zero-shot PQ of each open_clip model x resolution classifying ground-truth masks."""
-    dataset = cfg.DATASETS.TEST[0]
-    vocabulary = get_vocabulary(dataset)
+    """Sec. 4.4: classes where the first model's recall is below `recall_below` and whose TP
+    drop against the in-domain model is largest (without an in-domain model: the most ground
+    truth segments missed); TP / FN_seg / FN_cls of every model."""
+    names = list(per_class)
+    reference = per_class[names[0]]
+    candidates = [i for i, row in enumerate(reference) if recall(row) < recall_below]
+    if in_domain is not None:
+        key = lambda i: (-(in_domain[i]["TP"] - reference[i]["TP"]), -reference[i]["FN"])  # noqa: E731
+    else:
+        key = lambda i: (-reference[i]["FN"], i)  # noqa: E731
     rows = []
-    for spec in models:
-        name, path = parse_vlm_model(spec)
-        model_cfg = cfg.clone()
-        model_cfg.defrost()
-        model_cfg.MODEL.BACKBONE.NAME = "build_openclip_backbone"
-        model_cfg.MODEL.CLIP.MODEL_NAME = name
-        model_cfg.MODEL.CLIP.PRETRAINED_PATH = path
-        backbone = build_backbone(model_cfg).to(cfg.MODEL.DEVICE).eval()
-        encoder = OpenCLIPTextEncoder.from_backbone(backbone, path)
-        text = class_embeddings(
-            encoder, vocabulary, templates_from_config(cfg), cfg.MODEL.TEXT_EMBEDDING.CACHE_DIR,
-            device=torch.device(cfg.MODEL.DEVICE),
-        )
-        mean = torch.tensor(backbone.pixel_mean, device=text.device).view(-1, 1, 1)
-        std = torch.tensor(backbone.pixel_std, device=text.device).view(-1, 1, 1)
-        for resolution in resolutions:
-            run_cfg = with_oracles(model_cfg, OracleSwitches(segmentation=True))
-            run_cfg.defrost()
-            run_cfg.INPUT.MIN_SIZE_TEST = resolution
-            run_cfg.INPUT.MAX_SIZE_TEST = max(cfg.INPUT.MAX_SIZE_TEST, resolution)
-            run_cfg.INPUT.FORMAT = "RGB"  # CLIP statistics are RGB
-            run_cfg.freeze()
-            loader = build_detection_test_loader(
-                run_cfg, dataset, mapper=build_mapper(run_cfg, is_train=False)
-            )
-            evaluator = PanopticEvaluator(
-                dataset, os.path.join(output_dir, "vlm", f"{name}_{resolution}"), distributed=False
-            )
-            evaluator.reset()
-            with torch.no_grad():
-                for batch in loader:
-                    outputs = [vlm_gt_mask_predictions(backbone, text, x, mean, std) for x in batch]
-                    evaluator.process(batch, outputs)
-            summary = evaluator.evaluate()["panoptic_seg"]
-            rows.append(
-                {"model": name, "checkpoint": path or "random-init", "resolution": resolution,
-                 **{m: summary.get(m, math.nan) for m in ("PQ", "PQ_seen", "PQ_unseen", "FN_cls")}}
-            )
-            logger.info("VLM %s @ %d: PQ %.2f", name, resolution, summary["PQ"])
+    for i in sorted(candidates, key=key)[:top]:
+        row = {"class": reference[i]["name"]}
+        if in_domain is not None:
+            row["TP in-domain"] = in_domain[i]["TP"]
+        for name in names:
+            stats = per_class[name][i]
+            row.update({f"{name} FN_seg": stats["FN_seg"], f"{name} FN_cls": stats["FN_cls"],
+                        f"{name} TP": stats["TP"]})
+        rows.append(row)
     return rows
-
-
-def worst_classes(per_class: List[Dict], top: int) -> List[Dict]:
-    """The `top` classes with the most false negatives (ties: lower PQ first)."""
-    ranked = sorted(per_class, key=lambda row: (-row["FN"], row["PQ"]))
-    return [
-        {"class": row["name"], "split": "/".join(row["splits"]), "PQ": 100 * row["PQ"],
-         "TP": row["TP"], "FN_seg": row["FN_seg"], "FN_cls": row["FN_cls"]}
-        for row in ranked[:top]
-    ]
 
 
 def markdown_table(rows: List[Dict]) -> str:
@@ -213,86 +226,165 @@ def markdown_table(rows: List[Dict]) -> str:
         return "(none)\n"
     return tabulate(
         [list(row.values()) for row in rows], headers=list(rows[0]), tablefmt="github",
-        floatfmt=".2f",
+        floatfmt=".1f",
     ) + "\n"
 
 
-def bar_plot(rows: List[Dict], path: str, title: str) -> None:
-    """Grouped bars of PQ / PQ_seen / PQ_unseen per oracle variant."""
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metrics = ("PQ", "PQ_seen", "PQ_unseen")
-    width = 0.27
-    figure, axis = plt.subplots(figsize=(max(6.0, 1.3 * len(rows)), 4.2))
-    for offset, metric in enumerate(metrics):
-        values = [0.0 if math.isnan(row[metric]) else row[metric] for row in rows]
-        positions = [i + (offset - 1) * width for i in range(len(rows))]
-        bars = axis.bar(positions, values, width, label=metric)
+    return plt
+
+
+def oracle_plot(tables: Dict[int, List[Dict]], path: str) -> None:
+    """Grouped bars: PQ of every distinct oracle setting per model."""
+    plt = _pyplot()
+    models = list(dict.fromkeys(row["model"] for rows in tables.values() for row in rows))
+    settings = list(dict.fromkeys(row["oracles"] for rows in tables.values() for row in rows))
+    value = {(row["model"], row["oracles"]): row["PQ"] for rows in tables.values() for row in rows}
+    width = 0.8 / max(1, len(models))
+    figure, axis = plt.subplots(figsize=(max(6.0, 1.4 * len(settings)), 4.2))
+    for m, model in enumerate(models):
+        positions = [i + (m - (len(models) - 1) / 2) * width for i in range(len(settings))]
+        bars = axis.bar(positions, [value[model, s] for s in settings], width, label=model)
         axis.bar_label(bars, fmt="%.1f", fontsize=7)
-    axis.set_xticks(range(len(rows)))
-    axis.set_xticklabels([row["variant"].replace("+", "\n+") for row in rows], fontsize=8)
+    axis.set_xticks(range(len(settings)))
+    axis.set_xticklabels([s.replace("+", "\n+") for s in settings], fontsize=7)
     axis.set_ylabel("PQ")
     axis.set_ylim(0, 105)
-    axis.set_title(title)
     axis.legend()
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
 
 
+def figure4(in_domain: List[Dict], open_vocabulary: Dict[str, float], path: str) -> None:
+    """PQ against the number of in-domain training images, with (yellow) and without (blue)
+    ensembling; open-vocabulary models as horizontal lines (Figure 4)."""
+    plt = _pyplot()
+    figure, axis = plt.subplots(figsize=(6.0, 4.2))
+    if in_domain:
+        xs = [row["images"] for row in in_domain]
+        axis.plot(xs, [row["PQ ensemble"] for row in in_domain], "o-", color="goldenrod",
+                  label="in-domain, with ensembling")
+        axis.plot(xs, [row["PQ no ensemble"] for row in in_domain], "o-", color="tab:blue",
+                  label="in-domain, without ensembling")
+        axis.set_xscale("log")
+    colors = ["tab:red", "tab:green", "tab:purple", "tab:brown"]
+    for i, (name, pq) in enumerate(open_vocabulary.items()):
+        axis.axhline(pq, color=colors[i % len(colors)], linestyle="--", label=name)
+    axis.set_xlabel("in-domain training images")
+    axis.set_ylabel("PQ")
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def vlm_keys(requested: Sequence[str]) -> List[str]:
+    keys: List[str] = []
+    for key in requested:
+        for item in (VLM_MODELS if key == "all" else [key]):
+            if item not in VLM_MODELS:
+                raise ValueError(f"--vlm {item!r}: unknown; choose from {list(VLM_MODELS)} or 'all'.")
+            if item not in keys:
+                keys.append(item)
+    return keys
+
+
+def table1(
+    cfg: CfgNode, keys: Sequence[str], root: str, settings: Sequence[str], output_dir: str
+) -> List[Dict]:
+    rows = []
+    for key in keys:
+        spec = VLM_MODELS[key]
+        row = {"model": spec.family, "architecture": spec.architecture, "pre-training": spec.data}
+        for setting in settings:
+            if setting not in TABLE1_SETTINGS:
+                raise ValueError(f"--vlm-settings {setting!r}: choose from {list(TABLE1_SETTINGS)}.")
+            summary = evaluate_vlm(cfg, key, root, setting, os.path.join(output_dir, key, setting))
+            row.update({f"{setting} {c}": v for c, v in zip(PQ_COLUMNS, pq_cells(summary))})
+            logger.info("Table 1 %s @ %s: PQ %.2f", key, setting, summary["PQ"])
+        rows.append(row)
+    return rows
+
+
 def main(argv=None) -> Dict:
     args = parse_args(argv)
     setup_logger(name="openseg")
-    cfg = load_config(args.config_file, args.opts)
-    if not cfg.DATASETS.TEST:
-        raise ValueError(f"{args.config_file}: DATASETS.TEST is empty; name the dataset to study.")
-    dataset = cfg.DATASETS.TEST[0]
-    if MetadataCatalog.get(dataset).get("thing_dataset_id_to_contiguous_id", None) is None:
-        raise ValueError(
-            f"Dataset {dataset!r} has no panoptic metadata; the oracle study reports PQ and "
-            "needs a panoptic test set (cfg.DATASETS.TEST)."
-        )
-    cfg.freeze()
     os.makedirs(args.output, exist_ok=True)
+    models = {entry[0]: model_config(entry[1], entry[2] if len(entry) == 3 else None, args.opts)
+              for entry in args.model}
+    datasets = {name: check_test_set(cfg, f"--model {name}") for name, cfg in models.items()}
+    if len(set(datasets.values())) > 1:
+        raise ValueError(f"--model entries are evaluated on different test sets {datasets}; "
+                         "override DATASETS.TEST for all of them.")
+    variants = oracle_variants()
+    results = {name: evaluate_model(cfg, variants, os.path.join(args.output, "models", name))
+               for name, cfg in models.items()}
+    tables = oracle_tables(results)
 
-    oracle_rows, per_class = evaluate_oracles(cfg, args.output)
-    models = args.vlm_models.split(",") if args.vlm_models else None
-    if models is None and cfg.MODEL.BACKBONE.NAME == "build_openclip_backbone":
-        models = [f"{cfg.MODEL.CLIP.MODEL_NAME}={cfg.MODEL.CLIP.PRETRAINED_PATH}".rstrip("=")]
-    models = models or []
-    models = [m for m in models if m.lower() != "none"]
-    resolutions = (
-        [int(r) for r in args.vlm_resolutions.split(",")] if args.vlm_resolutions
-        else [cfg.INPUT.MIN_SIZE_TEST]
-    )
-    vlm_rows = evaluate_vlms(cfg, models, resolutions, args.output) if models else []
-    worst = worst_classes(per_class, args.top_classes)
+    in_domain_rows, in_domain_classes = [], None
+    for images, config_file, weights in sorted(args.in_domain, key=lambda e: int(e[0])):
+        cfg = model_config(config_file, weights, args.opts)
+        check_test_set(cfg, f"--in-domain {images}")
+        out = os.path.join(args.output, "in_domain", images)
+        with_ensemble = evaluate_model(cfg, [OracleSwitches()], os.path.join(out, "ensemble"))["none"]
+        without = evaluate_model(
+            load_config_with(cfg, args.no_ensemble_opts.split()), [OracleSwitches()],
+            os.path.join(out, "no_ensemble"),
+        )["none"]
+        in_domain_rows.append({"images": int(images), "PQ ensemble": with_ensemble["summary"]["PQ"],
+                               "PQ no ensemble": without["summary"]["PQ"]})
+        in_domain_classes = with_ensemble["per_class"]
+    per_class = {name: variants_["none"]["per_class"] for name, variants_ in results.items()}
+    worst = table5(per_class, in_domain_classes, args.table5_classes, args.recall_below) if per_class else []
 
+    reference_cfg = next(iter(models.values()), None)
+    vlm_rows: List[Dict] = []
+    if args.vlm:
+        if reference_cfg is None:
+            reference_cfg = model_config(os.path.join(os.path.dirname(__file__), "..", "configs",
+                                                      "fcclip", "Base-FCCLIP.yaml"), None, args.opts)
+        check_test_set(reference_cfg, "Table 1")
+        vlm_rows = table1(reference_cfg, vlm_keys(args.vlm), args.vlm_root,
+                          args.vlm_settings.split(","), os.path.join(args.output, "vlm"))
+
+    open_vocabulary = {name: r["none"]["summary"]["PQ"] for name, r in results.items()}
     study = {
-        "config": args.config_file,
-        "weights": cfg.MODEL.WEIGHTS,
-        "dataset": dataset,
-        "oracles": oracle_rows,
-        "vlm_gt_masks": vlm_rows,
-        "worst_classes": worst,
+        "models": {name: {"config": [e for e in args.model if e[0] == name][0][1:],
+                          "dataset": datasets[name]} for name in models},
+        "table1": vlm_rows, "table2": tables[2], "table3": tables[3], "table4": tables[4],
+        "table5": worst, "figure4": {"in_domain": in_domain_rows, "open_vocabulary": open_vocabulary},
+        "oracles": {name: {v: r["summary"] for v, r in variants_.items()}
+                    for name, variants_ in results.items()},
     }
     with open(os.path.join(args.output, "study.json"), "w") as f:
         json.dump(study, f, indent=1)
+    dataset = next(iter(datasets.values()), reference_cfg.DATASETS.TEST[0] if reference_cfg else "")
     markdown = (
-        f"# Oracle study: {os.path.basename(args.config_file)} on {dataset}\n\n"
-        f"Weights: `{cfg.MODEL.WEIGHTS or 'random init'}`\n\n"
-        "## Oracle variants\n\n" + markdown_table(oracle_rows)
-        + "\n## VLM zero-shot classification of ground-truth masks\n\n" + markdown_table(vlm_rows)
-        + f"\n## Classes with the most false negatives (no oracle, top {args.top_classes})\n\n"
-        + markdown_table(worst)
+        f"# What holds back open-vocabulary segmentation? Study on {dataset}\n\n"
+        "## Table 1: zero-shot VLMs on ground-truth masks (segmentation oracle)\n\n"
+        + markdown_table(vlm_rows)
+        + "\n## Table 2: oracle classification\n\n" + markdown_table(tables[2])
+        + "\n## Table 3: oracle mask selection\n\n" + markdown_table(tables[3])
+        + "\n## Table 4: oracle mask selection + segmentation / classification\n\n"
+        + markdown_table(tables[4])
+        + f"\n## Table 5: classes with recall < {100 * args.recall_below:.0f} % and the largest "
+        "TP drop against the in-domain model\n\n" + markdown_table(worst)
+        + "\n## Figure 4: in-domain models (figure4.png)\n\n" + markdown_table(in_domain_rows)
+        + "\nOpen-vocabulary models (PQ): "
+        + ", ".join(f"{name} {pq:.1f}" for name, pq in open_vocabulary.items()) + "\n"
     )
     with open(os.path.join(args.output, "study.md"), "w") as f:
         f.write(markdown)
-    bar_plot(oracle_rows, os.path.join(args.output, "study.png"), f"Oracles on {dataset}")
-    logger.info("wrote %s/study.{md,json,png}", args.output)
+    if results:
+        oracle_plot(tables, os.path.join(args.output, "oracles.png"))
+    figure4(in_domain_rows, open_vocabulary, os.path.join(args.output, "figure4.png"))
+    logger.info("wrote %s/study.{md,json}, oracles.png, figure4.png", args.output)
     return study
 
 

@@ -1,37 +1,49 @@
-"""Ground-truth oracles for mask-transformer inference.
+"""Ground-truth oracles of "What holds back open-vocabulary segmentation?" (Sec. 4.1-4.3).
 
-After "What holds back open-vocabulary segmentation?" (Saric et al. 2025): each oracle
-replaces one step of mask-classification inference (Mask2Former, Cheng et al. CVPR 2022,
-Sec. 4) by ground truth, so the PQ gained by switching it on measures how much that step
+Each oracle replaces one step of mask-transformer inference (Mask2Former, Cheng et al. CVPR
+2022, Sec. 4) by ground truth; the PQ gained by switching it on measures how much that step
 holds the model back. They act on one image's per-query class logits [Q, K+1] (last = no
-object) and mask logits [Q, H, W] just before the standard post-processing, so every
-`OpenSegMaskFormer` subclass runs under them unchanged:
+object) and mask logits [Q, H, W] around the standard panoptic post-processing of
+`OpenSegMaskFormer`, so every subclass (FC-CLIP, MAFT+, ...) runs under them unchanged.
+Switches are cfg.TEST.ORACLE.*; the paper's table rows are `PAPER_ROWS`:
 
-- segmentation: the candidate masks are replaced by the ground-truth segments, classified by
-  the model itself (`classify_masks`; FC-CLIP: the CLIP head on mask-pooled dense features)
-  with the no-object class excluded;
-- classification: every candidate mask with IoU > `classification_iou` against a ground-truth
-  segment takes that segment's class (its no-object probability is kept);
-- mask selection: ground truth and all candidates are matched one-to-one by the Hungarian
-  algorithm on Mask2Former's BCE + Dice mask costs; matched candidates are kept whatever their
-  no-object score, the others dropped;
-- drop no-object: the no-object logit is ignored, every candidate competes on its classes.
-
-Under the segmentation and mask-selection oracles the oracle decides which masks exist, so
-panoptic post-processing keeps every remaining mask whatever its class confidence
-(`OracleSwitches.selects_masks`; no OBJECT_MASK_THRESHOLD).
-
-Combinations compose in the order selection -> segmentation -> classification -> drop
-no-object. Selection + segmentation keeps the matched queries with their own class scores but
-gives each its matched ground-truth mask (masks perfect, classification and selection the
-model's); selection + classification keeps the matched queries' masks with their ground-truth
-classes (classification and selection perfect, masks the model's).
+- SEGMENTATION (Sec. 4.1, Table 1): "Our segmentation oracle produces a set of perfect binary
+  masks, one for each panoptic segment. [...] we recover panoptic segmentation by assigning
+  each mask with the class whose text embedding yields the highest cosine similarity with the
+  corresponding visual representation." The masks are the ground-truth segments, classified
+  by the model's own mask classifier (`classify_masks`; FC-CLIP: its CLIP head), no-object
+  excluded, and every one of them is kept.
+- CLASSIFICATION (Sec. 4.2, Table 2): "Our oracle adjusts the class posteriors of the final
+  panoptic map for all masks that overlap a ground truth segment with IoU > 0.5." It relabels
+  the segments of the finished panoptic prediction (`relabel_panoptic`): masks that inference
+  discarded stay discarded, and a segment at IoU exactly 0.5 keeps its class.
+- MASK_SELECTION (Sec. 4.3, Table 3 row 2): "we apply Hungarian matching between the ground
+  truth masks and the full set of candidate masks [...] The matching cost is computed using a
+  combination of binary cross-entropy and Dice loss. After matching, we discard the unmatched
+  candidate masks and proceed with the standard panoptic inference." No-object filtering and
+  the object-mask threshold stay as configured, so a matched mask can still be lost.
+- DROP_NO_OBJECT (Table 3 row 3): "We therefore modify the inference by removing the
+  'no-object' logit, ensuring that all oracle-selected masks are included in panoptic
+  prediction." The no-object logit is removed and the object-mask threshold is 0 (the value
+  of the released FC-CLIP evaluation configs anyway), so no mask is filtered for confidence;
+  masks eclipsed by others can still lose their pixels (overlap threshold).
+- MASK_SELECTION + SEGMENTATION (Table 4 row 2): "The segmentation oracle uses ground truth to
+  fix the boundaries of the matched masks, while retaining the mask classifications of the
+  corresponding open-voc segmentation model."
+- MASK_SELECTION + CLASSIFICATION (Table 4 row 3): "The classification oracle extends the
+  optimal mask selection by assigning correct one-hot class probabilities based on the
+  matching with ground truth segments." Every matched mask takes the one-hot class of its
+  ground-truth segment, whatever their IoU.
+Table 4 builds on Table 3 row 3 (its first row repeats it), so its rows also drop the
+no-object logit. SEGMENTATION + CLASSIFICATION (not a paper row) gives the ground-truth
+segments their own classes.
 """
 
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Set, Tuple
 
 import torch
+import torch.nn.functional as F
 from detectron2.projects.point_rend.point_features import point_sample
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
@@ -76,16 +88,61 @@ class OracleSwitches:
         return self.segmentation or self.classification or self.mask_selection or self.drop_no_object
 
     @property
-    def selects_masks(self) -> bool:
-        """The segmentation and mask-selection oracles decide which masks exist, so panoptic
-        post-processing must keep all of them rather than drop low-confidence ones."""
-        return self.segmentation or self.mask_selection
+    def relabels_panoptic(self) -> bool:
+        """The classification oracle alone acts on the final panoptic map (Sec. 4.2); with mask
+        selection or segmentation the ground-truth class comes from the matching instead."""
+        return self.classification and not (self.mask_selection or self.segmentation)
+
+    @property
+    def keeps_all_masks(self) -> bool:
+        """No mask is filtered for its class confidence (object-mask threshold 0): the
+        segmentation oracle alone keeps one mask per ground-truth segment, and dropping the
+        no-object logit includes "all oracle-selected masks" (Sec. 4.3)."""
+        return self.drop_no_object or (self.segmentation and not self.mask_selection)
+
+    @property
+    def needs_mask_classifier(self) -> bool:
+        """Ground-truth masks classified by the model (Sec. 4.1): the model must classify given
+        masks, not only its own queries."""
+        return self.segmentation and not (self.mask_selection or self.classification)
 
     @property
     def name(self) -> str:
         """"none" or the "+"-joined lower-case names of the oracles that are on."""
         on = [key.lower() for key in ORACLE_SWITCHES if getattr(self, key.lower())]
         return "+".join(on) if on else "none"
+
+    def config_opts(self) -> List[str]:
+        """The cfg.TEST.ORACLE KEY VALUE pairs that switch these oracles on."""
+        opts: List[str] = []
+        for key in ORACLE_SWITCHES:
+            if getattr(self, key.lower()):
+                opts += [f"TEST.ORACLE.{key}", "True"]
+        if self.classification_iou != OracleSwitches.classification_iou:
+            opts += ["TEST.ORACLE.CLASSIFICATION_IOU", str(self.classification_iou)]
+        return opts
+
+
+# (table, row) -> (label, switches) of the model rows of Tables 2-4 (Table 1 rows are VLMs,
+# run by tools/oracle_study.py with the segmentation oracle on bare CLIP models)
+PAPER_ROWS: Dict[Tuple[int, int], Tuple[str, OracleSwitches]] = {
+    (2, 1): ("model", OracleSwitches()),
+    (2, 2): ("+ oracle classification", OracleSwitches(classification=True)),
+    (3, 1): ("model", OracleSwitches()),
+    (3, 2): ("+ oracle mask selection", OracleSwitches(mask_selection=True)),
+    (3, 3): (
+        "+ dropping no-object logit", OracleSwitches(mask_selection=True, drop_no_object=True)
+    ),
+    (4, 1): ("w/ oracle mask selection", OracleSwitches(mask_selection=True, drop_no_object=True)),
+    (4, 2): (
+        "+ oracle segmentation",
+        OracleSwitches(mask_selection=True, drop_no_object=True, segmentation=True),
+    ),
+    (4, 3): (
+        "+ oracle classification",
+        OracleSwitches(mask_selection=True, drop_no_object=True, classification=True),
+    ),
+}
 
 
 def ground_truth_of_input(
@@ -161,15 +218,13 @@ def masks_as_logits(masks: Tensor) -> Tensor:
     return torch.where(masks.bool(), GROUND_TRUTH_MASK_LOGIT, -GROUND_TRUTH_MASK_LOGIT).float()
 
 
-def one_hot_logits(labels: Tensor, num_classes_with_void: int, keep_void: Optional[Tensor] = None) -> Tensor:
-    """[N, K+1] log-probabilities putting all mass on `labels`, or, with `keep_void` [N]
-    no-object probabilities, 1 - keep_void on the label and keep_void on no-object."""
-    probs = torch.zeros(labels.shape[0], num_classes_with_void, device=labels.device)
-    probs[torch.arange(labels.shape[0], device=labels.device), labels] = 1.0
-    if keep_void is not None:
-        probs = probs * (1.0 - keep_void[:, None])
-        probs[:, -1] = keep_void
-    return probs.clamp(min=1e-12).log().clamp(min=IMPOSSIBLE_LOGIT)
+def one_hot_logits(labels: Tensor, num_classes_with_void: int) -> Tensor:
+    """[N, K+1] logits whose softmax is the one-hot distribution of `labels` (no-object 0)."""
+    logits = torch.full(
+        (labels.shape[0], num_classes_with_void), IMPOSSIBLE_LOGIT, device=labels.device
+    )
+    logits[torch.arange(labels.shape[0], device=labels.device), labels] = 0.0
+    return logits
 
 
 def apply_oracles(
@@ -181,15 +236,17 @@ def apply_oracles(
     image_size: Tuple[int, int],
     classify_masks: Callable[[Tensor], Tensor],
 ) -> Tuple[Tensor, Tensor]:
-    """Oracle-modified (class logits [Q', K+1], mask logits [Q', H, W]) of one image.
+    """Oracle-modified (class logits [Q', K+1], mask logits [Q', H, W]) of one image, before
+    panoptic post-processing (the classification oracle alone acts after it:
+    `relabel_panoptic`). Definitions in the module docstring.
 
     Args:
         mask_cls: [Q, K+1] class logits (last = no object); mask_pred: [Q, H, W] mask logits
             in the padded input frame.
         gt_labels: [M] contiguous ids; gt_masks: bool [M, H, W] in the same frame.
-        image_size: (h, w) valid region; IoUs and matching ignore the padding.
-        classify_masks: the model's classifier for given bool masks [M, H, W] -> [M, K+1]
-            logits (used by the segmentation oracle alone).
+        image_size: (h, w) valid region; the matching ignores the padding.
+        classify_masks: the model's classifier of given bool masks [M, H, W] -> [M, K+1]
+            logits (called by the segmentation oracle alone).
     """
     if not switches.enabled:
         return mask_cls, mask_pred
@@ -200,60 +257,77 @@ def apply_oracles(
             "(cfg.DATASETS.TEST with cfg.MODEL.OPEN_VOCABULARY, or a matching NUM_CLASSES)."
         )
     num_outputs = mask_cls.shape[-1]
-    height, width = image_size
     if switches.mask_selection:
         query_index, gt_index = match_masks(mask_pred, gt_masks, image_size)
         mask_cls, mask_pred = mask_cls[query_index], mask_pred[query_index]
-        # a matched candidate is kept whatever its no-object score
-        mask_cls = mask_cls.clone()
-        mask_cls[:, -1] = IMPOSSIBLE_LOGIT
         gt_labels, gt_masks = gt_labels[gt_index], gt_masks[gt_index]
         if switches.segmentation:
             mask_pred = masks_as_logits(gt_masks)
+        if switches.classification:
+            mask_cls = one_hot_logits(gt_labels, num_outputs).to(mask_cls)
     elif switches.segmentation:
-        mask_cls = classify_masks(gt_masks).clone()
-        mask_cls[:, -1] = IMPOSSIBLE_LOGIT  # ground-truth segments are never "no object"
         mask_pred = masks_as_logits(gt_masks)
-    if switches.classification and gt_labels.numel() and mask_pred.shape[0]:
-        binary = mask_pred[:, :height, :width] > 0
-        iou = mask_iou(binary, gt_masks[:, :height, :width])
-        best_iou, best_gt = iou.max(dim=1)
-        hit = best_iou > switches.classification_iou
-        if hit.any():
-            # ground-truth masks are never "no object"; the model's candidates keep their score
-            void_prob = None if switches.segmentation else mask_cls[hit].float().softmax(-1)[:, -1]
-            mask_cls = mask_cls.clone()
-            mask_cls[hit] = one_hot_logits(gt_labels[best_gt[hit]], num_outputs, void_prob).to(mask_cls)
+        if switches.classification:
+            mask_cls = one_hot_logits(gt_labels, num_outputs).to(mask_cls)
+        else:
+            mask_cls = classify_masks(gt_masks).clone()
+            mask_cls[:, -1] = IMPOSSIBLE_LOGIT  # a ground-truth segment is never "no object"
     if switches.drop_no_object:
         mask_cls = mask_cls.clone()
         mask_cls[:, -1] = IMPOSSIBLE_LOGIT
     return mask_cls, mask_pred
 
 
-def matched_query_logits(
-    mask_cls: Tensor, mask_pred: Tensor, gt_masks: Tensor, image_size: Tuple[int, int]
+def relabel_panoptic(
+    panoptic_seg: Tensor,
+    segments_info: List[Dict],
+    gt_labels: Tensor,
+    gt_masks: Tensor,
+    thing_ids: Set[int],
+    iou_threshold: float = 0.5,
+) -> Tuple[Tensor, List[Dict]]:
+    """The classification oracle (Sec. 4.2): every segment of the final panoptic map whose IoU
+    with a ground-truth segment is > `iou_threshold` takes that segment's class; the others
+    and the map itself are unchanged.
+
+    Args:
+        panoptic_seg: int [H, W] segment ids (0 = void); segments_info: detectron2's dicts.
+        gt_labels: [M]; gt_masks: bool [M, H, W] at the panoptic map's size.
+    Returns:
+        (the same `panoptic_seg`, new segments_info with `category_id` / `isthing` updated).
+    """
+    if not segments_info or not gt_labels.numel():
+        return panoptic_seg, segments_info
+    ids = torch.tensor([s["id"] for s in segments_info], device=panoptic_seg.device)
+    predicted = panoptic_seg[None] == ids[:, None, None]
+    best_iou, best_gt = mask_iou(predicted, gt_masks.to(predicted.device)).max(dim=1)
+    relabelled = []
+    for segment, iou, gt in zip(segments_info, best_iou.tolist(), best_gt.tolist()):
+        segment = dict(segment)
+        if iou > iou_threshold:
+            category = int(gt_labels[gt])
+            segment.update(category_id=category, isthing=category in thing_ids)
+        relabelled.append(segment)
+    return panoptic_seg, relabelled
+
+
+def ground_truth_at_output(
+    gt_masks: Tensor, image_size: Tuple[int, int], output_size: Tuple[int, int]
 ) -> Tensor:
-    """[M, K+1] class logits of the query matched to each ground-truth mask (BCE + Dice
-    Hungarian matching); masks left without a query (more masks than queries) get uniform
-    class scores. The default `classify_masks` of a model whose classifier only reads its own
-    queries."""
-    logits = torch.zeros(
-        (gt_masks.shape[0], mask_cls.shape[-1]), device=mask_cls.device, dtype=mask_cls.dtype
-    )
-    query_index, gt_index = match_masks(mask_pred, gt_masks, image_size)
-    logits[gt_index] = mask_cls[query_index]
-    return logits
+    """Padded-frame ground-truth masks cropped to `image_size` and resized (nearest) to the
+    output size, where the final panoptic map lives."""
+    masks = gt_masks[:, : image_size[0], : image_size[1]]
+    if masks.shape[0] == 0:
+        return masks.new_zeros((0, *output_size))
+    if tuple(masks.shape[-2:]) == tuple(output_size):
+        return masks
+    return F.interpolate(masks[None].float(), size=tuple(output_size), mode="nearest")[0] > 0.5
 
 
-def oracle_combinations() -> List[OracleSwitches]:
-    """The variants of the oracle study: none, each oracle alone, and the paper's pairs."""
-    return [
-        OracleSwitches(),
-        OracleSwitches(drop_no_object=True),
-        OracleSwitches(mask_selection=True),
-        OracleSwitches(classification=True),
-        OracleSwitches(segmentation=True),
-        OracleSwitches(mask_selection=True, segmentation=True),
-        OracleSwitches(mask_selection=True, classification=True),
-        OracleSwitches(segmentation=True, classification=True),
-    ]
+def oracle_variants() -> List[OracleSwitches]:
+    """The distinct oracle settings of Tables 2-4, in table order."""
+    variants: List[OracleSwitches] = []
+    for _, switches in PAPER_ROWS.values():
+        if switches not in variants:
+            variants.append(switches)
+    return variants

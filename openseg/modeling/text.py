@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from ..data.vocab import PROMPT_TEMPLATES, Vocabulary, get_vocabulary, validate_vocabulary
-from .backbones.clip import OpenCLIPBackbone, create_clip_model
+from .backbones.clip import OpenCLIPBackbone, create_clip_model, load_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -66,18 +66,19 @@ class OpenCLIPTextEncoder(nn.Module):
         return f"{type(self.clip_model).__name__}@weights:{digest.hexdigest()}"
 
     @classmethod
-    def from_pretrained(cls, model_name: str, pretrained_path: str = "") -> "OpenCLIPTextEncoder":
-        """Build open_clip `model_name` and load `pretrained_path` ("" = random init).
+    def from_pretrained(
+        cls, model_name: str, pretrained_path: str = "", tokenizer_path: str = ""
+    ) -> "OpenCLIPTextEncoder":
+        """Build open_clip `model_name` and load `pretrained_path` ("" = random init); a
+        Hugging Face tokenizer comes from the local folder `tokenizer_path` (`load_tokenizer`).
 
         Unknown names and missing files raise naming them (see `create_clip_model`)."""
-        import open_clip
-
         model = create_clip_model(model_name, pretrained_path).eval()
         for param in model.parameters():
             param.requires_grad = False
         return cls(
             model,
-            open_clip.get_tokenizer(model_name),
+            load_tokenizer(model_name, tokenizer_path),
             _weights_identity(model_name, pretrained_path),
             persistent=bool(pretrained_path),
         )

@@ -15,7 +15,18 @@ from typing import Dict, Iterator, List, Tuple
 
 import numpy as np
 
-from .common import coco_instance_dicts, load_panoptic_json, register_lazy, register_semantic, require
+from .common import (
+    coco_instance_dicts,
+    load_panoptic_json,
+    register_lazy,
+    register_semantic,
+    register_subset,
+    require,
+)
+
+# training-set sizes of the in-domain FC-CLIP models of Figure 4 ("What holds back
+# open-vocabulary segmentation?" Sec. 4.4; the text names 300, the other points are ours)
+IN_DOMAIN_SUBSETS = (100, 300, 1000, 3000)
 
 # objectInfo150.csv "Name" column, in label order (label k+1 in the PNGs = contiguous id k)
 ADE20K_150_WORDNET_NAMES = [
@@ -213,7 +224,8 @@ def load_ade20k_full_classes(root: Path) -> Dict:
 
 
 def register_all_ade20k(root: Path) -> None:
-    """Register openseg_ade20k_{train,val}_panoptic, openseg_ade20k_sem_seg_{train,val},
+    """Register openseg_ade20k_{train,val}_panoptic (and openseg_ade20k_train_panoptic_subset<N>
+    for N in IN_DOMAIN_SUBSETS), openseg_ade20k_sem_seg_{train,val},
     openseg_ade20k_instance_{train,val} and openseg_ade20k_full_sem_seg_{train,val}."""
     root = Path(root)
     ade = root / ADE_ROOT
@@ -241,6 +253,9 @@ def register_all_ade20k(root: Path) -> None:
             stuff_classes=list(ADE20K_150_CLASSES),
             synonyms=[list(s) for s in ADE20K_150_SYNONYMS],
         )
+        if split == "train":
+            for num_images in IN_DOMAIN_SUBSETS:
+                register_subset("openseg_ade20k_train_panoptic", num_images)
         thing_classes = [ADE20K_150_CLASSES[i] for i in ADE20K_150_THING_IDS]
         register_lazy(
             f"openseg_ade20k_instance_{split}",

@@ -162,6 +162,33 @@ def register_lazy(
     MetadataCatalog.get(name).set(**metadata)
 
 
+def deterministic_subset(records: List[dict], num_images: int, seed: int = 0) -> List[dict]:
+    """`num_images` records of a fixed random order of `records` (sorted by file name, then
+    shuffled with numpy's PCG64 `seed`), kept in file-name order. The order does not depend on
+    `num_images`, so smaller subsets are contained in larger ones."""
+    if not 0 < num_images <= len(records):
+        raise ValueError(
+            f"A subset of {num_images} images needs 1 to {len(records)} (the full set's size)."
+        )
+    ordered = sorted(records, key=lambda r: str(r.get("file_name", r.get("image_id"))))
+    order = np.random.default_rng(seed).permutation(len(ordered))[:num_images]
+    return [ordered[i] for i in sorted(order)]
+
+
+def register_subset(base_name: str, num_images: int, seed: int = 0) -> str:
+    """Register `<base_name>_subset<num_images>` (seed 0) or `..._seed<seed>`: the
+    `deterministic_subset` of `base_name`'s records, with its metadata; returns the name.
+    For in-domain models trained on few labelled images ("What holds back open-vocabulary
+    segmentation?", Sec. 4.4, Figure 4)."""
+    name = f"{base_name}_subset{num_images}" + (f"_seed{seed}" if seed else "")
+    metadata = {k: v for k, v in MetadataCatalog.get(base_name).as_dict().items() if k != "name"}
+    register_lazy(
+        name, lambda: deterministic_subset(DatasetCatalog.get(base_name), num_images, seed),
+        **metadata,
+    )
+    return name
+
+
 def load_semantic_pairs(
     image_root: os.PathLike, sem_seg_root: os.PathLike, prepare: str, image_ext: str = ".jpg"
 ) -> List[dict]:

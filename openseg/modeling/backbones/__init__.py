@@ -4,8 +4,10 @@ from .clip import (
     CLIP_DENSE_INPUT,
     OpenCLIPBackbone,
     OpenCLIPConvNeXtBackbone,
+    OpenCLIPTimmViTBackbone,
     OpenCLIPViTBackbone,
     build_openclip_backbone,
+    load_tokenizer,
 )
 from .swin import D2SwinTransformer
 
@@ -14,6 +16,8 @@ __all__ = [
     "D2SwinTransformer",
     "OpenCLIPBackbone",
     "OpenCLIPConvNeXtBackbone",
+    "OpenCLIPTimmViTBackbone",
     "OpenCLIPViTBackbone",
     "build_openclip_backbone",
+    "load_tokenizer",
 ]

@@ -26,6 +26,7 @@ from detectron2.layers import ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone
 from open_clip.timm_model import TimmModel
 from open_clip.transformer import VisionTransformer
+from timm.layers import resample_abs_pos_embed
 from torch import nn
 
 logger = logging.getLogger(__name__)
@@ -44,6 +45,29 @@ def check_clip_model_name(model_name: str) -> None:
             f"cfg.MODEL.CLIP.MODEL_NAME={model_name!r} is not an open_clip model config; "
             f"close matches: {close or 'none'} (all names: open_clip.list_models())"
         )
+
+
+def load_tokenizer(model_name: str, tokenizer_path: str = ""):
+    """open_clip's tokenizer of `model_name`, never from a hub: CLIP's BPE tokenizer ships with
+    open_clip; models with a Hugging Face tokenizer (SigLIP / SigLIP 2: `hf_tokenizer_name`
+    in their open_clip config) read it from the local directory `tokenizer_path`
+    (cfg.MODEL.CLIP.TOKENIZER_PATH, e.g. a download of that Hugging Face repository)."""
+    text_cfg = open_clip.get_model_config(model_name).get("text_cfg", {})
+    hub_name = text_cfg.get("hf_tokenizer_name", "")
+    if not hub_name:
+        return open_clip.get_tokenizer(model_name)
+    if not tokenizer_path or not os.path.isdir(tokenizer_path):
+        raise FileNotFoundError(
+            f"CLIP {model_name} tokenizes with the Hugging Face tokenizer {hub_name!r}, read "
+            f"only from a local directory: cfg.MODEL.CLIP.TOKENIZER_PATH={tokenizer_path!r} is "
+            "not one; download that repository's tokenizer files (tokenizer.json, "
+            "tokenizer_config.json, ...) and point the key to their folder."
+        )
+    return open_clip.tokenizer.HFTokenizer(
+        tokenizer_path,
+        context_length=text_cfg.get("context_length", open_clip.tokenizer.DEFAULT_CONTEXT_LENGTH),
+        **text_cfg.get("tokenizer_kwargs", {}),
+    )
 
 
 def create_clip_model(model_name: str, pretrained_path: str) -> nn.Module:
@@ -75,7 +99,8 @@ class OpenCLIPBackbone(Backbone):
     """Common part of the CLIP backbones: creation, freezing, text encoder, normalisation."""
 
     def __init__(
-        self, model_name: str, pretrained_path: str, frozen: bool, out_features: List[str]
+        self, model_name: str, pretrained_path: str, frozen: bool, out_features: List[str],
+        tokenizer_path: str = "",
     ):
         super().__init__()
         unknown = [name for name in out_features if name not in PYRAMID_LEVELS]
@@ -85,7 +110,7 @@ class OpenCLIPBackbone(Backbone):
             )
         self.model_name = model_name
         self.clip_model = create_clip_model(model_name, pretrained_path)
-        self.tokenizer = open_clip.get_tokenizer(model_name)
+        self.tokenizer = load_tokenizer(model_name, tokenizer_path)
         self.frozen = frozen
         if frozen:
             for param in self.clip_model.parameters():
@@ -162,9 +187,10 @@ class OpenCLIPConvNeXtBackbone(OpenCLIPBackbone):
     """CLIP with a timm ConvNeXt trunk: res2-res5 are the outputs of its four stages."""
 
     def __init__(
-        self, model_name: str, pretrained_path: str, frozen: bool, out_features: List[str]
+        self, model_name: str, pretrained_path: str, frozen: bool, out_features: List[str],
+        tokenizer_path: str = "",
     ):
-        super().__init__(model_name, pretrained_path, frozen, out_features)
+        super().__init__(model_name, pretrained_path, frozen, out_features, tokenizer_path)
         visual = self.clip_model.visual
         if not isinstance(visual, TimmModel):
             raise ValueError(
@@ -228,13 +254,36 @@ class OpenCLIPConvNeXtBackbone(OpenCLIPBackbone):
         return visual.head(x).permute(0, 3, 1, 2)
 
 
+def simple_pyramid_channels(width: int) -> Dict[str, int]:
+    return {"res2": width // 4, "res3": width // 2, "res4": width, "res5": width}
+
+
+def simple_pyramid(width: int, out_features: List[str]) -> nn.ModuleDict:
+    """Simple feature pyramid (ViTDet) from a stride-16 map of `width` channels; only the
+    requested levels are built so that no parameter goes unused (DistributedDataParallel
+    rejects unused parameters)."""
+    levels = {
+        "res2": lambda: nn.Sequential(
+            nn.ConvTranspose2d(width, width // 2, kernel_size=2, stride=2),
+            nn.GroupNorm(1, width // 2),
+            nn.GELU(),
+            nn.ConvTranspose2d(width // 2, width // 4, kernel_size=2, stride=2),
+        ),
+        "res3": lambda: nn.ConvTranspose2d(width, width // 2, kernel_size=2, stride=2),
+        "res4": nn.Identity,
+        "res5": lambda: nn.MaxPool2d(kernel_size=2, stride=2),
+    }
+    return nn.ModuleDict({name: levels[name]() for name in out_features})
+
+
 class OpenCLIPViTBackbone(OpenCLIPBackbone):
     """CLIP ViT: last-layer patch tokens resampled to a 4/8/16/32 simple feature pyramid."""
 
     def __init__(
-        self, model_name: str, pretrained_path: str, frozen: bool, out_features: List[str]
+        self, model_name: str, pretrained_path: str, frozen: bool, out_features: List[str],
+        tokenizer_path: str = "",
     ):
-        super().__init__(model_name, pretrained_path, frozen, out_features)
+        super().__init__(model_name, pretrained_path, frozen, out_features, tokenizer_path)
         visual = self.clip_model.visual
         if not isinstance(visual, VisionTransformer):
             raise ValueError(
@@ -256,26 +305,8 @@ class OpenCLIPViTBackbone(OpenCLIPBackbone):
                 f"nn.MultiheadAttention blocks, found {type(last_attn).__name__}"
             )
         width = visual.transformer.width
-        self._out_feature_channels = {
-            "res2": width // 4,
-            "res3": width // 2,
-            "res4": width,
-            "res5": width,
-        }
-        # simple feature pyramid from the stride-16 map; only the requested levels are built so
-        # that no parameter goes unused (DistributedDataParallel rejects unused parameters)
-        levels = {
-            "res2": lambda: nn.Sequential(
-                nn.ConvTranspose2d(width, width // 2, kernel_size=2, stride=2),
-                nn.GroupNorm(1, width // 2),
-                nn.GELU(),
-                nn.ConvTranspose2d(width // 2, width // 4, kernel_size=2, stride=2),
-            ),
-            "res3": lambda: nn.ConvTranspose2d(width, width // 2, kernel_size=2, stride=2),
-            "res4": nn.Identity,
-            "res5": lambda: nn.MaxPool2d(kernel_size=2, stride=2),
-        }
-        self.pyramid_layers = nn.ModuleDict({name: levels[name]() for name in self._out_features})
+        self._out_feature_channels = simple_pyramid_channels(width)
+        self.pyramid_layers = simple_pyramid(width, self._out_features)
 
     def _positional_embedding(self, grid: Tuple[int, int]) -> torch.Tensor:
         """Class + patch position embeddings, the patch part bicubically resized to `grid`."""
@@ -336,6 +367,85 @@ class OpenCLIPViTBackbone(OpenCLIPBackbone):
         return x.transpose(1, 2).reshape(batch, -1, height, grid_width)
 
 
+class OpenCLIPTimmViTBackbone(OpenCLIPBackbone):
+    """CLIP whose image tower is a timm ViT with attention-pooling head (SigLIP / SigLIP 2,
+    "map" pooling): last-layer patch tokens as a simple feature pyramid, as the ViT backbone.
+
+    `dense_clip_features` applies MaskCLIP's rule (Zhou et al. ECCV 2022, Sec. 3.2) to the
+    pooling head: each patch token goes through the head's value path alone (kv value part ->
+    out-projection, no query / key), then the head's residual MLP and the tower's projection,
+    i.e. what the head returns for a sequence of that single token. Position embeddings are
+    resampled to the input's patch grid ("interpolate the ViT positional embeddings to match
+    the input resolution", "What holds back open-vocabulary segmentation?" Sec. 4.1)."""
+
+    def __init__(
+        self, model_name: str, pretrained_path: str, frozen: bool, out_features: List[str],
+        tokenizer_path: str = "",
+    ):
+        super().__init__(model_name, pretrained_path, frozen, out_features, tokenizer_path)
+        trunk = getattr(self.clip_model.visual, "trunk", None)
+        if trunk is None or not hasattr(trunk, "patch_embed") or getattr(trunk, "attn_pool", None) is None:
+            raise ValueError(
+                f"cfg.MODEL.CLIP.MODEL_NAME={model_name!r}: the timm image tower is neither a "
+                "4-stage ConvNeXt nor a ViT with an attention-pooling ('map') head"
+            )
+        if trunk.num_prefix_tokens and trunk.no_embed_class:
+            raise ValueError(
+                f"cfg.MODEL.CLIP.MODEL_NAME={model_name!r}: prefix tokens without position "
+                "embeddings are not supported"
+            )
+        width = trunk.embed_dim
+        self._out_feature_channels = simple_pyramid_channels(width)
+        self.pyramid_layers = simple_pyramid(width, self._out_features)
+
+    def trunk_tokens(self, images: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int]]:
+        """Final-norm patch tokens [B, h*w, C] of any image size, and the grid (h, w)."""
+        trunk = self.clip_model.visual.trunk
+        x = trunk.patch_embed.proj(images)
+        grid = tuple(x.shape[-2:])
+        x = trunk.patch_embed.norm(x.flatten(2).transpose(1, 2))
+        prefix = [
+            token.expand(x.shape[0], -1, -1)
+            for token in (trunk.cls_token, trunk.reg_token) if token is not None
+        ]
+        position = resample_abs_pos_embed(
+            trunk.pos_embed, new_size=grid, old_size=trunk.patch_embed.grid_size,
+            num_prefix_tokens=trunk.num_prefix_tokens,
+        )
+        x = trunk.pos_drop(torch.cat(prefix + [x], dim=1) + position)
+        x = trunk.norm(trunk.blocks(trunk.norm_pre(trunk.patch_drop(x))))
+        return x[:, trunk.num_prefix_tokens :], grid
+
+    def _pyramid(self, images: torch.Tensor) -> Dict[str, torch.Tensor]:
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
+            tokens, grid = self.trunk_tokens(images)
+        patch_map = tokens.transpose(1, 2).reshape(tokens.shape[0], -1, *grid)
+        stride16 = patch_map
+        target = (images.shape[-2] // 16, images.shape[-1] // 16)
+        if tuple(stride16.shape[-2:]) != target:
+            stride16 = F.interpolate(stride16, size=target, mode="bilinear", align_corners=False)
+        features = {name: layer(stride16) for name, layer in self.pyramid_layers.items()}
+        features[CLIP_DENSE_INPUT] = patch_map
+        return features
+
+    def dense_clip_features(self, features: Dict[str, torch.Tensor]) -> torch.Tensor:
+        """Per-token output of the attention-pooling head's value path: [B, E, h, w]."""
+        visual = self.clip_model.visual
+        trunk = visual.trunk
+        pool = trunk.attn_pool
+        patch_map = features[CLIP_DENSE_INPUT]
+        batch, width, height, grid_width = patch_map.shape
+        x = patch_map.flatten(2).transpose(1, 2)
+        if pool.pos_embed is not None:
+            raise ValueError("attention pooling with its own position embedding is not supported")
+        value = F.linear(x, pool.kv.weight[width:], pool.kv.bias[width:] if pool.kv.bias is not None else None)
+        x = pool.proj(value)
+        if pool.mlp is not None:
+            x = x + pool.mlp(pool.norm(x))
+        x = visual.head(trunk.head(trunk.fc_norm(x)))
+        return x.transpose(1, 2).reshape(batch, -1, height, grid_width)
+
+
 @BACKBONE_REGISTRY.register()
 def build_openclip_backbone(cfg, input_shape: ShapeSpec) -> OpenCLIPBackbone:
     """Frozen open_clip backbone chosen by cfg.MODEL.CLIP.MODEL_NAME (ConvNeXt or ViT tower)."""
@@ -351,7 +461,10 @@ def build_openclip_backbone(cfg, input_shape: ShapeSpec) -> OpenCLIPBackbone:
         clip_cfg.PRETRAINED_PATH,
         clip_cfg.FROZEN,
         list(clip_cfg.OUT_FEATURES),
+        clip_cfg.TOKENIZER_PATH,
     )
+    if "timm_model_name" in vision_cfg and vision_cfg.get("timm_pool") == "map":
+        return OpenCLIPTimmViTBackbone(*args)
     if "timm_model_name" in vision_cfg:
         return OpenCLIPConvNeXtBackbone(*args)
     if "hf_model_name" in vision_cfg:

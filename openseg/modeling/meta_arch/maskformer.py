@@ -31,7 +31,13 @@ from ..inference import instance_inference, panoptic_inference, semantic_inferen
 from ..losses import SetCriterion
 from ..mask_decoder import build_transformer_decoder
 from ..matcher import HungarianMatcher
-from ..oracles import OracleSwitches, apply_oracles, ground_truth_of_input, matched_query_logits
+from ..oracles import (
+    OracleSwitches,
+    apply_oracles,
+    ground_truth_at_output,
+    ground_truth_of_input,
+    relabel_panoptic,
+)
 from ..pixel_decoder import build_pixel_decoder
 
 logger = logging.getLogger(__name__)
@@ -109,7 +115,6 @@ class OpenSegMaskFormer(nn.Module):
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
         self.class_agnostic = class_agnostic
-        self.oracles = oracles
         if class_agnostic and (semantic_on or panoptic_on or not instance_on):
             logger.info(
                 "MODEL.MASK_FORMER.CLASS_AGNOSTIC: only instance outputs are produced; "
@@ -128,6 +133,33 @@ class OpenSegMaskFormer(nn.Module):
         self.thing_ids: Set[int] = set(
             getattr(metadata, "thing_dataset_id_to_contiguous_id", {}).values()
         )
+        self.oracles = oracles
+
+    @property
+    def oracles(self) -> OracleSwitches:
+        """Ground-truth oracles applied at inference (cfg.TEST.ORACLE); assigning checks that
+        this model has what they need."""
+        return self._oracles
+
+    @oracles.setter
+    def oracles(self, switches: OracleSwitches) -> None:
+        if switches.enabled and (self.class_agnostic or not self.panoptic_on):
+            raise ValueError(
+                f"cfg.TEST.ORACLE ({switches.name}) needs class-aware panoptic output: set "
+                "MODEL.MASK_FORMER.TEST.PANOPTIC_ON True and MODEL.MASK_FORMER.CLASS_AGNOSTIC "
+                "False (the oracles are defined on panoptic inference)."
+            )
+        if switches.needs_mask_classifier and (
+            type(self).classify_masks is OpenSegMaskFormer.classify_masks
+        ):
+            raise ValueError(
+                f"cfg.TEST.ORACLE.SEGMENTATION alone needs a classifier of given masks, which "
+                f"{type(self).__name__} lacks (it classifies its own queries only; FC-CLIP "
+                "overrides `classify_masks` with CLIP mask pooling). Add "
+                "TEST.ORACLE.MASK_SELECTION True (Table 4 row 2: matched queries keep their "
+                "classes) or TEST.ORACLE.CLASSIFICATION True."
+            )
+        self._oracles = switches
 
     @classmethod
     def from_config(cls, cfg) -> Dict:
@@ -269,28 +301,42 @@ class OpenSegMaskFormer(nn.Module):
         )):
             height = x.get("height", image_size[0])
             width = x.get("width", image_size[1])
-            if self.oracles.enabled:
-                gt_labels, gt_masks = ground_truth_of_input(x, padded_size, self.device)
-                mask_cls, mask_pred = apply_oracles(
-                    self.oracles, mask_cls, mask_pred, gt_labels, gt_masks, image_size,
-                    lambda masks: self.classify_masks(
-                        outputs, index, masks, mask_cls, mask_pred, image_size
-                    ),
+            if not self.oracles.enabled:
+                processed_results.append(
+                    self.inference_single_image(mask_cls, mask_pred, image_size, height, width)
                 )
-            processed_results.append(
-                self.inference_single_image(mask_cls, mask_pred, image_size, height, width)
+                continue
+            gt_labels, gt_masks = ground_truth_of_input(x, padded_size, self.device)
+            mask_cls, mask_pred = apply_oracles(
+                self.oracles, mask_cls, mask_pred, gt_labels, gt_masks, image_size,
+                lambda masks: self.classify_masks(
+                    outputs, index, masks, mask_cls, mask_pred, image_size
+                ),
             )
+            result = self.inference_single_image(mask_cls, mask_pred, image_size, height, width)
+            if self.oracles.relabels_panoptic:
+                # Sec. 4.2: only the final panoptic map is relabelled; semantic and instance
+                # outputs stay the model's own
+                result["panoptic_seg"] = relabel_panoptic(
+                    *result["panoptic_seg"], gt_labels,
+                    ground_truth_at_output(gt_masks, image_size, (height, width)),
+                    self.thing_ids, self.oracles.classification_iou,
+                )
+            processed_results.append(result)
         return processed_results
 
     def classify_masks(
         self, outputs: Dict, image_index: int, masks: Tensor, mask_cls: Tensor,
         mask_pred: Tensor, image_size: Tuple[int, int],
     ) -> Tensor:
-        """[M, K+1] class logits of given bool masks [M, H_pad, W_pad] of image `image_index`
-        (the segmentation oracle's classifier). A MaskFormer classifies queries, not masks: each
-        mask takes the logits of the query matched to it on mask costs. Open-vocabulary
-        subclasses classify the masks' own content instead (FC-CLIP: CLIP mask pooling)."""
-        return matched_query_logits(mask_cls, mask_pred, masks, image_size)
+        """[M, K+1] class logits of given bool masks [M, H_pad, W_pad] of image `image_index`:
+        the classifier of the segmentation oracle (Sec. 4.1 of "What holds back
+        open-vocabulary segmentation?"). A MaskFormer classifies its queries, not given masks,
+        so it has none (the `oracles` setter refuses SEGMENTATION alone); open-vocabulary
+        subclasses classify the masks' content (FC-CLIP: CLIP mask pooling)."""
+        raise NotImplementedError(
+            f"{type(self).__name__} cannot classify given masks (classify_masks)."
+        )
 
     def inference_single_image(
         self, mask_cls: Tensor, mask_pred: Tensor, image_size: Tuple[int, int], height: int,
@@ -318,7 +364,7 @@ class OpenSegMaskFormer(nn.Module):
             result["panoptic_seg"] = panoptic_inference(
                 mask_cls, output_masks, thing_ids=self.thing_ids,
                 object_mask_threshold=(
-                    0.0 if self.oracles.selects_masks else self.object_mask_threshold
+                    0.0 if self.oracles.keeps_all_masks else self.object_mask_threshold
                 ),
                 overlap_threshold=self.overlap_threshold,
             )
