@@ -3,7 +3,7 @@
 Figure 4 for several models side by side.
 
     python tools/oracle_study.py --output DIR \
-        --model FC-CLIP configs/ade20k/fcclip/fcclip_convnext_large_coco_to_ade20k_panoptic.yaml fcclip.pth \
+        --model FC-CLIP configs/fcclip/fcclip_convnext_large_eval_ade20k.yaml fcclip.pth \
         --model MAFT+ CONFIG WEIGHTS \
         [--vlm all --vlm-root /ckpt/vlms] [--vlm-settings 512,640,800x1333] \
         [--in-domain 300 CONFIG WEIGHTS ...] [-- KEY VALUE ...]
