@@ -193,13 +193,9 @@ class OpenCLIPConvNeXtBackbone(OpenCLIPBackbone):
 
     def dense_clip_features(self, features: Dict[str, torch.Tensor]) -> torch.Tensor:
         """Head norm + projection of the CLIP image tower applied to every res5 pixel: [B, E, h, w]."""
-        return self.joint_space(self.clip_model.visual.trunk.norm_pre(features[CLIP_DENSE_INPUT]))
-
-    def joint_space(self, x: torch.Tensor) -> torch.Tensor:
-        """The CLIP head (norm + projection) on every position of trunk features [B, C, h, w]
-        (after `norm_pre`) -> [B, E, h, w]; MAFT+ also applies it to mask-pooled vectors."""
         visual = self.clip_model.visual
         timm_head = visual.trunk.head
+        x = visual.trunk.norm_pre(features[CLIP_DENSE_INPUT])
         if hasattr(timm_head, "norm"):
             x = timm_head.norm(x)
         x = x.permute(0, 2, 3, 1)
