@@ -23,5 +23,5 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["openseg", "openseg.*"]) + list(packages),
     package_dir=packages,
-    package_data={"openseg": ["py.typed"]},
+    package_data={"openseg": ["py.typed", "data/vocabularies/*/*.txt"]},
 )

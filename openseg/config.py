@@ -5,7 +5,7 @@ Keys follow Mask2Former's names so that its published YAML files read unchanged.
 """
 import importlib
 import pkgutil
-from typing import List, Optional
+from typing import Any, Dict, List, Optional
 
 from detectron2.config import CfgNode as CN
 from detectron2.config import get_cfg
@@ -162,14 +162,22 @@ def oracles_enabled(cfg: CN) -> bool:
     return any(bool(cfg.TEST.ORACLE.get(name, False)) for name in ORACLE_SWITCHES)
 
 
+def import_projects() -> Dict[str, Any]:
+    """Import every installed method package `openseg.projects.<name>` (registering its
+    meta-architectures and checkpoint formats); returns {name: module}."""
+    import openseg.projects
+
+    return {
+        info.name: importlib.import_module(f"openseg.projects.{info.name}")
+        for info in pkgutil.iter_modules(openseg.projects.__path__)
+    }
+
+
 def add_project_configs(cfg: CN) -> None:
     """Call `add_<name>_config(cfg)` of every installed method package `openseg.projects.<name>`,
     so one train_net.py reads every method's YAML without knowing the methods."""
-    import openseg.projects
-
-    for info in pkgutil.iter_modules(openseg.projects.__path__):
-        module = importlib.import_module(f"openseg.projects.{info.name}")
-        adder = getattr(module, f"add_{info.name}_config", None)
+    for name, module in import_projects().items():
+        adder = getattr(module, f"add_{name}_config", None)
         if adder is not None:
             adder(cfg)
 

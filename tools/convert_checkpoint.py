@@ -5,6 +5,9 @@
     python tools/convert_checkpoint.py model_final_94dc52.pkl m2f_r50_coco_panoptic.pth
     # an openseg checkpoint -> Mask2Former's layout (loads in the release's train_net.py)
     python tools/convert_checkpoint.py model_final.pth model_final_m2f.pkl --to mask2former
+    # FC-CLIP's released fcclip_cocopan.pth <-> openseg names
+    python tools/convert_checkpoint.py fcclip_cocopan.pth fcclip_cocopan_openseg.pth
+    python tools/convert_checkpoint.py model_final.pth fcclip_release.pth --to fcclip
 
 The input's layout is detected as for MODEL.WEIGHTS (`openseg.checkpoint`; `--from` forces
 one). The output is a model-zoo style pickle (numpy arrays under "model") when it ends in
@@ -25,6 +28,9 @@ from openseg.checkpoint import (
     convert_to_openseg,
     read_checkpoint_file,
 )
+from openseg.config import import_projects
+
+import_projects()  # methods register their released layouts (e.g. "fcclip")
 
 
 def write_checkpoint(state: Dict[str, torch.Tensor], path: str, author: str) -> None:

@@ -58,6 +58,30 @@ def seen_unseen_split(
     return {"seen": seen, "unseen": unseen}
 
 
+def exact_synonym_split(
+    train_vocab: Sequence[ClassEntry], test_vocab: Sequence[ClassEntry]
+) -> Dict[str, List[int]]:
+    """FC-CLIP's seen / unseen rule, as its release computes `category_overlapping_mask`
+    (bytedance/fc-clip, `FCCLIP.prepare_class_names_from_metadata`; the paper does not define
+    it): a test class is seen when one of its synonyms is, as an exact string, a synonym of
+    some training class. No normalisation or plural forms (unlike `seen_unseen_split`): with
+    FC-CLIP's synonym lists, 64 of ADE20K-150's classes are seen from COCO panoptic."""
+    train_names = {name for entry in train_vocab for name in _names(entry)}
+    seen, unseen = [], []
+    for class_id, entry in enumerate(test_vocab):
+        (seen if train_names.intersection(_names(entry)) else unseen).append(class_id)
+    return {"seen": seen, "unseen": unseen}
+
+
+def store_class_splits(dataset_name: str, split: Dict[str, List[int]], reason: str) -> None:
+    """Set `class_splits` of `dataset_name` (replacing an earlier split, logged with `reason`)."""
+    meta = MetadataCatalog.get(dataset_name)
+    if hasattr(meta, "class_splits") and meta.class_splits != split:
+        logger.info("Replacing class_splits of %s: %s.", dataset_name, reason)
+        del meta.class_splits
+    meta.class_splits = split
+
+
 def known_seen_unseen(
     known: Sequence[int],
     seen: Sequence[int],
@@ -94,15 +118,7 @@ def apply_class_splits(dataset_name: str, train_dataset_name: str) -> Dict[str, 
     `train_dataset_name` and store it as `class_splits` in `dataset_name`'s metadata
     (replacing an earlier split: the split depends on the training set)."""
     split = seen_unseen_split(get_vocabulary(train_dataset_name), get_vocabulary(dataset_name))
-    meta = MetadataCatalog.get(dataset_name)
-    if hasattr(meta, "class_splits") and meta.class_splits != split:
-        logger.info(
-            "Replacing class_splits of %s by the split against %s.",
-            dataset_name,
-            train_dataset_name,
-        )
-        del meta.class_splits
-    meta.class_splits = split
+    store_class_splits(dataset_name, split, f"the split against {train_dataset_name}")
     logger.info(
         "%s vs %s: %d seen, %d unseen classes.",
         dataset_name,

@@ -6,8 +6,9 @@ vocabulary here is a list of classes, each a list of names whose first entry is 
 name itself. Datasets store theirs in `MetadataCatalog.get(name).synonyms`.
 """
 
+import os
 import re
-from typing import Dict, List, Sequence, Union
+from typing import Dict, List, Optional, Sequence, Union
 
 from detectron2.data import MetadataCatalog
 
@@ -40,6 +41,26 @@ PROMPT_TEMPLATES: List[str] = [
     "a photo of one {}.",
     "itap of a {}.",
     "a low resolution photo of a {}.",
+]
+
+# The ViLD prompt ensemble exactly as FC-CLIP's release spells it (`VILD_PROMPT` of
+# bytedance/fc-clip, fcclip/fcclip.py): the first 14 templates above, four of them without the
+# final full stop. FC-CLIP averages each class name over these (Yu et al. NeurIPS 2023, Sec. 4).
+FCCLIP_PROMPT_TEMPLATES: List[str] = [
+    "a photo of a {}.",
+    "This is a photo of a {}",
+    "There is a {} in the scene",
+    "There is the {} in the scene",
+    "a photo of a {} in the scene",
+    "a photo of a small {}.",
+    "a photo of a medium {}.",
+    "a photo of a large {}.",
+    "This is a photo of a small {}.",
+    "This is a photo of a medium {}.",
+    "This is a photo of a large {}.",
+    "There is a small {} in the scene.",
+    "There is a medium {} in the scene.",
+    "There is a large {} in the scene.",
 ]
 
 # COCO panoptic (Kirillov et al. CVPR 2019): 80 things then 53 stuff classes, in the order of
@@ -273,3 +294,52 @@ def register_vocabulary(name: str, thing_classes: List[List[str]], stuff_classes
         label_divisor=1000,
     )
     return name
+
+
+VOCABULARY_DIR = os.path.join(os.path.dirname(__file__), "vocabularies")
+
+# Which file of `vocabularies/<source>/` names the classes of a registered dataset, and the
+# slice of its lines the dataset uses (Pascal VOC-20 is VOC-21 without "background", as in
+# FC-CLIP's release). Keys are regular expressions over dataset names.
+RELEASE_VOCABULARIES: Dict[str, Dict[str, tuple]] = {
+    "fcclip": {
+        r"openseg_coco_2017_(train|val)_panoptic(_filtrefgumdval)?": ("coco_panoptic", 0, None),
+        r"openseg_ade20k_(train|val)_panoptic": ("ade20k_150", 0, None),
+        r"openseg_ade20k_sem_seg_(train|val)": ("ade20k_150", 0, None),
+        r"openseg_ade20k_full_sem_seg_(train|val)": ("ade20k_847", 0, None),
+        r"openseg_cityscapes_fine_panoptic_(train|val)": ("cityscapes", 0, None),
+        r"openseg_pascal_context59_sem_seg_val": ("pascal_context_59", 0, None),
+        r"openseg_pascal_context459_sem_seg_val": ("pascal_context_459", 0, None),
+        r"openseg_pascal_voc20_sem_seg_val": ("pascal_voc_21", 1, None),
+    },
+}
+
+
+def read_vocabulary_file(path: str) -> Vocabulary:
+    """A vocabulary file: one class per line ("name,synonym,..."), `#` lines are comments."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"vocabulary file not found: {path}")
+    with open(path) as f:
+        lines = [line.rstrip("\n") for line in f if line.strip() and not line.startswith("#")]
+    return [split_synonyms(line) for line in lines]
+
+
+def release_vocabulary(source: str, dataset_name: str) -> Optional[Vocabulary]:
+    """The synonym lists a released method uses for `dataset_name` (e.g. source "fcclip":
+    FC-CLIP's `*_with_prompt_eng.txt` lists, shipped in `vocabularies/fcclip/`), or None when
+    the method has none for that dataset (then use `get_vocabulary`). Raises when the file's
+    class count differs from the registered dataset's."""
+    if source not in RELEASE_VOCABULARIES:
+        raise KeyError(f"unknown vocabulary source {source!r}; known: {sorted(RELEASE_VOCABULARIES)}")
+    for pattern, (file_name, start, end) in RELEASE_VOCABULARIES[source].items():
+        if re.fullmatch(pattern, dataset_name):
+            path = os.path.join(VOCABULARY_DIR, source, f"{file_name}.txt")
+            vocabulary = read_vocabulary_file(path)[start:end]
+            registered = len(get_vocabulary(dataset_name))
+            if len(vocabulary) != registered:
+                raise ValueError(
+                    f"{path} names {len(vocabulary)} classes but dataset {dataset_name!r} has "
+                    f"{registered}; the file does not describe this dataset."
+                )
+            return vocabulary
+    return None

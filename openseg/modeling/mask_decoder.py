@@ -309,8 +309,14 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
         attention mask [B*nH, T, h*w] with True = blocked at the next level's size `attn_size`).
         """
         embeds = self.decoder_norm(output)
-        logits = self.class_predictor(embeds) if self.class_predictor is not None else None
         masks = torch.einsum("bqc,bchw->bqhw", self.mask_embed(embeds), mask_features)
+        if self.class_predictor is None:
+            logits = None
+        elif getattr(self.class_predictor, "uses_masks", False):
+            # a classifier that pools inside the masks (FC-CLIP's in-vocabulary head)
+            logits = self.class_predictor(embeds, masks, mask_features)
+        else:
+            logits = self.class_predictor(embeds)
 
         resized = F.interpolate(masks, size=attn_size, mode="bilinear", align_corners=False)
         # masks are detached: the attention pattern is not trained through (Mask2Former)

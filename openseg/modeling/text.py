@@ -2,8 +2,11 @@
 
 A class is embedded as the mean of the L2-normalised text embeddings of every prompt
 "template x synonym", renormalised: the prompt ensemble of CLIP (Radford et al. ICML 2021,
-Sec. 3.1.4) and ViLD (Gu et al. ICLR 2022, Sec. 3.2) that FC-CLIP (Yu et al. NeurIPS 2023,
-Sec. 3) uses for its in- and out-of-vocabulary classifiers. Encoding hundreds of classes x
+Sec. 3.1.4) and ViLD (Gu et al. ICLR 2022, Sec. 3.2). With ``per_name=True`` each synonym
+gets its own embedding (its template mean) instead, and a classifier takes the maximum
+logit over a class's synonyms (`max_over_synonyms`): how FC-CLIP's release (Yu et al.
+NeurIPS 2023; bytedance/fc-clip `get_classification_logits`, after OpenSeg / ODISE) combines
+names, synonyms and templates for its in- and out-of-vocabulary classifiers. Encoding hundreds of classes x
 dozens of templates is slow with a large CLIP, and the result only depends on (encoder
 weights, vocabulary, templates), so it is cached under that key in memory and, for encoders
 whose weights come from a file, on disk.
@@ -28,7 +31,7 @@ from .backbones.clip import OpenCLIPBackbone, create_clip_model
 logger = logging.getLogger(__name__)
 
 VocabularyLike = Sequence[Union[str, Sequence[str]]]
-CACHE_FORMAT = "openseg-text-embeddings-v1"
+CACHE_FORMAT = "openseg-text-embeddings-v2"
 
 
 class OpenCLIPTextEncoder(nn.Module):
@@ -140,15 +143,36 @@ def prompts(vocabulary: VocabularyLike, templates: Sequence[str]) -> Tuple[List[
     return texts, owners
 
 
+def synonym_counts(vocabulary: VocabularyLike) -> List[int]:
+    """Number of names of each class (the row groups of ``per_name`` embeddings)."""
+    return [len(names) for names in _as_vocabulary(vocabulary)]
+
+
+def max_over_synonyms(logits: Tensor, counts: Sequence[int]) -> Tensor:
+    """[..., S (+ extra)] logits of every synonym -> [..., K (+ extra)]: the maximum over each
+    class's `counts[k]` consecutive synonyms; columns after the S synonyms (e.g. a void
+    logit) are kept as they are (FC-CLIP's release, `get_classification_logits`)."""
+    total = sum(counts)
+    if logits.shape[-1] < total:
+        raise ValueError(f"{logits.shape[-1]} logit columns for {total} synonyms")
+    groups = torch.split(logits[..., :total], list(counts), dim=-1)
+    per_class = [group.max(dim=-1).values for group in groups]
+    return torch.cat([torch.stack(per_class, dim=-1), logits[..., total:]], dim=-1)
+
+
 def encode_vocabulary(
     encoder,
     vocabulary: VocabularyLike,
     templates: Sequence[str] = PROMPT_TEMPLATES,
     batch_size: int = 256,
+    per_name: bool = False,
 ) -> Tensor:
     """[K, E] class embeddings: mean of the normalised prompt embeddings of each class over
-    its synonyms and templates, L2-normalised (no cache; see `ClassEmbeddingCache`)."""
+    its synonyms and templates, L2-normalised; with `per_name`, [S, E]: one such mean per
+    synonym, over the templates only (no cache; see `ClassEmbeddingCache`)."""
     texts, owners = prompts(vocabulary, templates)
+    if per_name:
+        owners = [index // len(templates) for index in range(len(texts))]
     chunks = [
         encoder.encode_text(encoder.tokenize(texts[start : start + batch_size])).float()
         for start in range(0, len(texts), batch_size)
@@ -174,7 +198,7 @@ class ClassEmbeddingCache:
         self._memory: Dict[str, Tensor] = {}
 
     @staticmethod
-    def key(encoder, vocabulary: VocabularyLike, templates: Sequence[str]) -> str:
+    def key(encoder, vocabulary: VocabularyLike, templates: Sequence[str], per_name: bool = False) -> str:
         """A canonical JSON string of everything the embeddings depend on."""
         return json.dumps(
             {
@@ -182,6 +206,7 @@ class ClassEmbeddingCache:
                 "encoder": encoder.identity,
                 "vocabulary": _as_vocabulary(vocabulary),
                 "templates": _check_templates(templates),
+                "per_name": bool(per_name),
             },
             sort_keys=True,
         )
@@ -195,15 +220,17 @@ class ClassEmbeddingCache:
         vocabulary: VocabularyLike,
         templates: Sequence[str] = PROMPT_TEMPLATES,
         device: Optional[torch.device] = None,
+        per_name: bool = False,
     ) -> Tensor:
-        """[K, E] float embeddings of `vocabulary` on `device` (default: CPU), computed once."""
-        key = self.key(encoder, vocabulary, templates)
+        """[K, E] (or [S, E] with `per_name`) float embeddings of `vocabulary` on `device`
+        (default: CPU), computed once."""
+        key = self.key(encoder, vocabulary, templates, per_name)
         embeddings = self._memory.get(key)
         use_disk = bool(self.cache_dir) and encoder.persistent
         if embeddings is None and use_disk:
             embeddings = self._load(key)
         if embeddings is None:
-            embeddings = encode_vocabulary(encoder, vocabulary, templates).cpu()
+            embeddings = encode_vocabulary(encoder, vocabulary, templates, per_name=per_name).cpu()
             if use_disk:
                 self._save(key, embeddings)
         self._memory[key] = embeddings
@@ -251,10 +278,12 @@ def class_embeddings(
     templates: Sequence[str] = PROMPT_TEMPLATES,
     cache_dir: str = "",
     device: Optional[torch.device] = None,
+    per_name: bool = False,
 ) -> Tensor:
     """[K, E] embeddings of `vocabulary` (class names or synonym lists) through the shared
-    cache for `cache_dir`. Duplicate or empty class names raise naming the entry."""
-    return shared_cache(cache_dir).get(encoder, vocabulary, templates, device)
+    cache for `cache_dir` ([S, E], one per synonym, with `per_name`). Duplicate or empty
+    class names raise naming the entry."""
+    return shared_cache(cache_dir).get(encoder, vocabulary, templates, device, per_name)
 
 
 def dataset_class_embeddings(

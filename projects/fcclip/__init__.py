@@ -9,7 +9,8 @@ import os
 import open_clip
 
 from .config import add_fcclip_config
-from .meta_arch import FCCLIP, InVocabularyClassifier, geometric_ensemble, mask_pool
+from . import checkpoint  # registers the released checkpoints' layout
+from .meta_arch import FCCLIP, InVocabularyClassifier, geometric_ensemble
 
 OPEN_CLIP_CONFIG_DIR = os.path.join(os.path.dirname(__file__), "open_clip_configs")
 open_clip.add_model_config(OPEN_CLIP_CONFIG_DIR)
@@ -20,5 +21,4 @@ __all__ = [
     "OPEN_CLIP_CONFIG_DIR",
     "add_fcclip_config",
     "geometric_ensemble",
-    "mask_pool",
 ]

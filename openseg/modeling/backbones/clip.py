@@ -148,6 +148,15 @@ class OpenCLIPBackbone(Backbone):
     def dense_clip_features(self, features: Dict[str, torch.Tensor]) -> torch.Tensor:
         """Per-pixel CLIP image embeddings [B, E, h, w] from the output of `forward`."""
 
+    def pooling_features(self, features: Dict[str, torch.Tensor]) -> torch.Tensor:
+        """The map a mask classifier pools [B, C, h, w]; `embed_pooled` turns pooled vectors
+        into CLIP image embeddings. Default: the dense CLIP embeddings (pool after the head)."""
+        return self.dense_clip_features(features)
+
+    def embed_pooled(self, pooled: torch.Tensor) -> torch.Tensor:
+        """[..., C] vectors pooled from `pooling_features` -> [..., E] CLIP image embeddings."""
+        return pooled
+
 
 class OpenCLIPConvNeXtBackbone(OpenCLIPBackbone):
     """CLIP with a timm ConvNeXt trunk: res2-res5 are the outputs of its four stages."""
@@ -190,6 +199,20 @@ class OpenCLIPConvNeXtBackbone(OpenCLIPBackbone):
                 features[name] = x
         features[CLIP_DENSE_INPUT] = features["res5"]
         return features
+
+    def pooling_features(self, features: Dict[str, torch.Tensor]) -> torch.Tensor:
+        """res5 after the trunk's `norm_pre` [B, C5, h, w]: FC-CLIP pools here, before the
+        image head (its release, `clip_vis_dense`; Yu et al. NeurIPS 2023, Sec. 3.3)."""
+        return self.clip_model.visual.trunk.norm_pre(features[CLIP_DENSE_INPUT])
+
+    def embed_pooled(self, pooled: torch.Tensor) -> torch.Tensor:
+        """[..., C5] pooled vectors through the timm head (as a 1 x 1 map: pooling, norm, MLP)
+        and open_clip's projection head -> [..., E], as the image tower treats its pooled
+        vector (FC-CLIP's release, `visual_prediction_forward_convnext`)."""
+        visual = self.clip_model.visual
+        leading = pooled.shape[:-1]
+        x = visual.trunk.head(pooled.reshape(-1, pooled.shape[-1], 1, 1))
+        return visual.head(x).reshape(*leading, -1)
 
     def dense_clip_features(self, features: Dict[str, torch.Tensor]) -> torch.Tensor:
         """Head norm + projection of the CLIP image tower applied to every res5 pixel: [B, E, h, w]."""
