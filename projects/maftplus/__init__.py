@@ -6,7 +6,7 @@ Importing registers the `MAFTPlus` meta-architecture, the released-checkpoint la
 ("maftplus") and the tiny random CLIP of `tiny_clip.py` (demo config and tests).
 """
 from . import tiny_clip
-from .checkpoint import openseg_to_released, released_to_openseg
+from .checkpoint import MAFTPLUS_CHECKPOINT_FORMAT, openseg_to_released, released_to_openseg
 from .config import add_maftplus_config
 from .meta_arch import MAFTPlus
 from .modules import (
@@ -18,6 +18,7 @@ from .modules import (
 
 __all__ = [
     "ContentDependentTransfer",
+    "MAFTPLUS_CHECKPOINT_FORMAT",
     "MAFTPlus",
     "add_maftplus_config",
     "mask_aware_loss",

@@ -14,6 +14,10 @@ def add_maftplus_config(cfg: CN) -> None:
     # zero-initialised. The release ties it to MODEL.MASK_FORMER.TEST.PANOPTIC_ON at build
     # time (its panoptic checkpoint uses True, its semantic ones False)
     cfg.MODEL.MAFT_PLUS.CDT_NORM_ON_UPDATE = False
+    # the image embeddings the transfer attends to: True = as released, the [B, C, h, w] CLIP
+    # map reshaped to [B*h*w, C] without moving channels last (each "pixel" is C consecutive
+    # values of the channel-major buffer); False = each position's own channel vector
+    cfg.MODEL.MAFT_PLUS.CDT_RELEASE_PIXEL_LAYOUT = True
     # weight of the representation-compensation loss (release: MODEL.rc_weights, 0.1 in every
     # released config)
     cfg.MODEL.MAFT_PLUS.RC_LOSS_WEIGHT = 0.1

@@ -31,10 +31,13 @@ from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
 from detectron2.structures import ImageList
 from torch import Tensor
 
-from openseg.modeling.backbones.clip import CLIP_DENSE_INPUT, OpenCLIPConvNeXtBackbone
+from openseg.modeling.backbones.clip import OpenCLIPConvNeXtBackbone
+from openseg.modeling.mask_pooling import mask_pool, weighted_mask_pool
 from openseg.modeling.meta_arch import OpenSegMaskFormer
 from openseg.modeling.oracles import IMPOSSIBLE_LOGIT
-from openseg.projects.fcclip import FCCLIP, mask_pool
+from openseg.modeling.text import max_over_synonyms, synonym_counts
+from openseg.projects.fcclip import FCCLIP
+from openseg.projects.fcclip.meta_arch import CLIP_POOLING_FEATURES
 
 from .modules import ContentDependentTransfer, mask_aware_loss, representation_compensation_loss
 
@@ -58,6 +61,7 @@ class MAFTPlus(FCCLIP):
         rc_loss_weight: float,
         rc_pool_scales: Sequence[int],
         ma_loss_weight: float,
+        release_pixel_layout: bool = True,
         **kwargs,
     ):
         """
@@ -67,6 +71,7 @@ class MAFTPlus(FCCLIP):
             transfer: the content-dependent transfer (width = CLIP embedding width).
             rc_loss_weight, rc_pool_scales: representation-compensation weight and scales.
             ma_loss_weight: mask-aware loss weight.
+            release_pixel_layout: see `transfer_image_embeddings`.
             kwargs: `FCCLIP` arguments (its ensemble weights are not used).
         """
         super().__init__(**kwargs)
@@ -86,6 +91,7 @@ class MAFTPlus(FCCLIP):
         self.rc_loss_weight = rc_loss_weight
         self.rc_pool_scales = list(rc_pool_scales)
         self.ma_loss_weight = ma_loss_weight
+        self.release_pixel_layout = release_pixel_layout
 
     @classmethod
     def from_config(cls, cfg) -> Dict:
@@ -108,6 +114,7 @@ class MAFTPlus(FCCLIP):
             "rc_loss_weight": maft.RC_LOSS_WEIGHT,
             "rc_pool_scales": list(maft.RC_POOL_SCALES),
             "ma_loss_weight": maft.MA_LOSS_WEIGHT,
+            "release_pixel_layout": maft.CDT_RELEASE_PIXEL_LAYOUT,
         }
 
     def train(self, mode: bool = True) -> "MAFTPlus":
@@ -121,52 +128,56 @@ class MAFTPlus(FCCLIP):
         outputs = self.forward_heads(features)
         if self.training:
             with torch.no_grad():
-                frozen_features = self.frozen_backbone(images.tensor)
-            outputs["frozen_clip_trunk_features"] = self.clip_trunk_features(
-                self.frozen_backbone, frozen_features
-            )
+                frozen = self.frozen_backbone.pooling_features(self.frozen_backbone(images.tensor))
+            outputs["frozen_" + CLIP_POOLING_FEATURES] = frozen
             targets = self.prepare_targets(batched_inputs, images)
             return self.losses(outputs, targets)
         return self.postprocess(outputs, batched_inputs, images)
 
-    @staticmethod
-    def clip_trunk_features(backbone: OpenCLIPConvNeXtBackbone, features: Dict[str, Tensor]) -> Tensor:
-        """[B, C, h, w] output of the ConvNeXt trunk (before the CLIP head)."""
-        return backbone.clip_model.visual.trunk.norm_pre(features[CLIP_DENSE_INPUT])
-
     def forward_heads(self, features: Dict[str, Tensor]) -> Dict:
-        """Decoders on the detached CLIP features (vocabulary as FC-CLIP), then the CLIP
-        classifier: ``clip_trunk_features`` [B, C, h, w] (with gradient when training),
-        ``transferred_text`` [B, K+1, E] (class and void embeddings after the transfer) and
-        ``clip_logits`` [B, Q, K+1] of the CLIP-pooled predicted masks."""
-        self.classifier.use_vocabulary(
-            self.train_text_embeddings if self.training else self.test_text_embeddings
-        )
-        outputs = OpenSegMaskFormer.forward_heads(self, {k: v.detach() for k, v in features.items()})
-        trunk = self.clip_trunk_features(self.backbone, features)
+        """FC-CLIP's decoders on the detached CLIP features, then MAFT+'s CLIP classifier:
+        CLIP_POOLING_FEATURES [B, C, h, w] (the trunk output, with gradient when training),
+        ``transferred_text`` [B, S+1, E] (synonym and void embeddings after the transfer)
+        and ``clip_logits`` [B, Q, K+1] of the CLIP-pooled predicted masks."""
+        outputs = super().forward_heads({k: v.detach() for k, v in features.items()})
+        pooling_features = self.backbone.pooling_features(features)
         text = torch.cat([
             self.classifier.text_embeddings,
             F.normalize(self.classifier.void_embedding.weight, dim=-1),
         ])
-        transferred = self.transfer(self.backbone.joint_space(trunk), text)
-        mask_logits = F.interpolate(
-            outputs["pred_masks"].detach(), size=trunk.shape[-2:], mode="bilinear", align_corners=False
-        )
-        pooled = mask_pool(trunk, (mask_logits > 0).to(trunk.dtype))
-        outputs["clip_trunk_features"] = trunk
+        transferred = self.transfer(self.transfer_image_embeddings(pooling_features), text)
+        pooled = mask_pool(pooling_features, outputs["pred_masks"])
+        outputs[CLIP_POOLING_FEATURES] = pooling_features
         outputs["transferred_text"] = transferred
         outputs["clip_logits"] = self.transferred_logits(pooled, transferred)
         return outputs
 
+    def transfer_image_embeddings(self, pooling_features: Tensor) -> Tensor:
+        """[B, C, h, w] CLIP features -> [B, E, h, w] image embeddings the transfer attends to.
+
+        The release (`visual_prediction_forward_convnext` of `maft_plus.py`) reshapes the
+        [B, C, h, w] map to [B*h*w, C] without moving the channels last, so each "pixel" it
+        embeds is C consecutive values of the channel-major buffer (channel c, rows of the
+        grid), not one position's channel vector. Released checkpoints were trained on that
+        layout, so it is the default (cfg.MODEL.MAFT_PLUS.CDT_RELEASE_PIXEL_LAYOUT); False
+        embeds each position's own channel vector."""
+        batch, channels, height, width = pooling_features.shape
+        if self.release_pixel_layout:
+            vectors = pooling_features.reshape(batch, height * width, channels)
+        else:
+            vectors = pooling_features.flatten(2).transpose(1, 2)
+        embedded = self.backbone.embed_pooled(vectors)
+        return embedded.reshape(batch, height, width, -1).permute(0, 3, 1, 2)
+
     def transferred_logits(self, pooled: Tensor, transferred: Tensor) -> Tensor:
-        """[B, M, C] trunk features pooled in masks, [B, K', E] per-image text -> [B, M, K']
-        logits: CLIP head on the pooled vectors, cosine against the (unnormalised) transferred
-        text, times CLIP's logit scale (clamped at 100)."""
-        batch, count, channels = pooled.shape
-        embedded = self.backbone.joint_space(pooled.reshape(batch * count, channels, 1, 1))
-        embedded = F.normalize(embedded.reshape(batch, count, -1), dim=-1)
+        """[B, M, C] CLIP features pooled in masks, [B, S(+1), E] per-image synonym (and void)
+        embeddings -> [B, M, K(+1)] logits: CLIP image head on the pooled vectors, cosine
+        against the (unnormalised, as released) transferred text times CLIP's logit scale
+        (clamped at 100), maximum over each class's synonyms."""
+        embedded = F.normalize(self.backbone.embed_pooled(pooled), dim=-1)
         scale = self.backbone.clip_model.logit_scale.exp().clamp(max=100.0)
-        return scale * embedded @ transferred.transpose(1, 2).to(embedded.dtype)
+        logits = scale * embedded @ transferred.transpose(1, 2).to(embedded.dtype)
+        return max_over_synonyms(logits, self.classifier.synonym_counts)
 
     def losses(self, outputs: Dict, targets: List[Dict]) -> Dict[str, Tensor]:
         """FC-CLIP's weighted set-criterion losses plus the mask-aware and
@@ -176,7 +187,7 @@ class MAFTPlus(FCCLIP):
             outputs["clip_logits"], outputs["pred_masks"], targets
         )
         losses["loss_rc"] = self.rc_loss_weight * representation_compensation_loss(
-            outputs["clip_trunk_features"], outputs["frozen_clip_trunk_features"], self.rc_pool_scales
+            outputs[CLIP_POOLING_FEATURES], outputs["frozen_" + CLIP_POOLING_FEATURES], self.rc_pool_scales
         )
         return losses
 
@@ -193,12 +204,13 @@ class MAFTPlus(FCCLIP):
         mask_pred: Tensor, image_size: Tuple[int, int],
     ) -> Tensor:
         """MAFT+'s CLIP classifier on given bool masks [M, H_pad, W_pad] (the segmentation
-        oracle's classifier): trunk features averaged with each mask's coverage of every
-        feature cell, CLIP head, against this image's transferred class embeddings.
+        oracle's classifier): CLIP features averaged with each mask's coverage of every
+        feature cell, CLIP head, against this image's transferred synonym embeddings.
         Returns [M, K+1] log-probabilities, no-object impossible."""
-        trunk = outputs["clip_trunk_features"][image_index : image_index + 1]
-        coverage = F.interpolate(masks[None].float(), size=trunk.shape[-2:], mode="area")
+        features = outputs[CLIP_POOLING_FEATURES][image_index : image_index + 1]
+        coverage = F.interpolate(masks[None].float(), size=features.shape[-2:], mode="area")
         transferred = outputs["transferred_text"][image_index : image_index + 1, :-1]
-        logits = self.transferred_logits(mask_pool(trunk, coverage), transferred)[0].log_softmax(-1)
+        pooled = weighted_mask_pool(features, coverage)
+        logits = self.transferred_logits(pooled, transferred)[0].log_softmax(-1)
         void = logits.new_full((logits.shape[0], 1), IMPOSSIBLE_LOGIT)
         return torch.cat([logits, void], dim=-1).to(mask_cls.dtype)

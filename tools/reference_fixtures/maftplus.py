@@ -12,7 +12,8 @@ from the model name; the patch below replaces it by the tiny trunk's real widths
 release reads its dataset lists from relative paths, so it is imported from its own folder.
 
 Every parameter (both CLIPs, head, transfer, void embedding) is moved off its
-initialisation. Inputs: two non-square images (padded to 192 x 256, CLIP grid 6 x 8).
+initialisation. Inputs: two non-square images (padded to 96 x 128, CLIP grid 3 x 4, so the representation
+compensation also meets the release's non-square resizing).
 
 Saved (`fixtures.pt`): the release state dict; inputs and ground truth; the head outputs
 (in-vocabulary logits, masks of every decoder layer), the transferred text embeddings, the
@@ -45,8 +46,8 @@ NUM_CLASSES = 5
 CLASS_NAMES = ["cat", "dog", "car", "sky", "road"]
 THING_IDS = {11: 0, 12: 1, 13: 2}
 METADATA_NAME = "openseg_reference_maftplus_fixture"
-IMAGE_SHAPES = [((3, 120, 200), (140, 220)), ((3, 180, 232), (180, 232))]
-PADDED = (192, 256)
+IMAGE_SHAPES = [((3, 60, 100), (70, 110)), ((3, 90, 116), (90, 116))]
+PADDED = (96, 128)
 MARGIN = 2e-5
 TINY_CLIP = Path(__file__).resolve().parents[2] / "projects" / "maftplus" / "tiny_clip.py"
 
@@ -55,7 +56,7 @@ SETTINGS = {
     "MODEL.SEM_SEG_HEAD.NAME": "FCCLIPHead",
     "MODEL.SEM_SEG_HEAD.NUM_CLASSES": NUM_CLASSES,
     "MODEL.SEM_SEG_HEAD.CONVS_DIM": 32,
-    "MODEL.SEM_SEG_HEAD.MASK_DIM": 48,
+    "MODEL.SEM_SEG_HEAD.MASK_DIM": 64,  # the in-vocabulary head adds mask-pooled features to queries
     "MODEL.SEM_SEG_HEAD.TRANSFORMER_ENC_LAYERS": 3,
     "MODEL.MASK_FORMER.HIDDEN_DIM": 64,
     "MODEL.MASK_FORMER.NHEADS": 4,
@@ -149,7 +150,7 @@ def _randomise(model: torch.nn.Module, generator: torch.Generator) -> None:
     with torch.no_grad():
         for name, tensor in model.named_parameters():
             if name.endswith("logit_scale"):
-                tensor.fill_(math.log(1 / 0.07) + float(noise(tensor, 0.2)))
+                tensor.fill_(math.log(25.0) + float(noise(tensor, 0.2)))
             elif "sampling_offsets.weight" in name:
                 tensor.copy_(noise(tensor, 0.06))
             elif "sampling_offsets.bias" in name:
@@ -157,7 +158,7 @@ def _randomise(model: torch.nn.Module, generator: torch.Generator) -> None:
             elif "attention_weights" in name:
                 tensor.copy_(noise(tensor, 0.08))
             elif "mask_embed.layers.2" in name:
-                tensor.mul_(20.0)
+                tensor.mul_(5.0)  # mask logits of std ~2.5: float noise in them stays below 1e-5 of the semantic scores
             elif "norm" in name or "ln_" in name:
                 tensor.copy_((1.0 + noise(tensor, 0.2)) if name.endswith("weight") else noise(tensor, 0.1))
             elif "cdt.cross_atten.MLP" in name:
@@ -173,7 +174,7 @@ def _randomise(model: torch.nn.Module, generator: torch.Generator) -> None:
 def _images(generator: torch.Generator) -> List[torch.Tensor]:
     images = []
     for (channels, height, width), _ in IMAGE_SHAPES:
-        coarse = torch.rand((1, channels, height // 20 + 2, width // 20 + 2), generator=generator)
+        coarse = torch.rand((1, channels, height // 10 + 2, width // 10 + 2), generator=generator)
         image = F.interpolate(coarse, size=(height, width), mode="bilinear", align_corners=False)[0]
         images.append((image * 255).round().to(torch.uint8))
     return images
@@ -186,7 +187,7 @@ def _ground_truth(generator: torch.Generator) -> List[Dict[str, torch.Tensor]]:
         masks, labels = [ys > height * (0.6 + 0.1 * index)], [3 + index]
         for _ in range(3):
             cy, cx = float(torch.rand(1, generator=generator)) * height, float(torch.rand(1, generator=generator)) * width
-            ry, rx = 15 + float(torch.rand(1, generator=generator)) * height / 4, 15 + float(torch.rand(1, generator=generator)) * width / 4
+            ry, rx = 8 + float(torch.rand(1, generator=generator)) * height / 4, 15 + float(torch.rand(1, generator=generator)) * width / 4
             masks.append(((ys - cy) / ry) ** 2 + ((xs - cx) / rx) ** 2 < 1)
             labels.append(int(torch.randint(0, 3, (1,), generator=generator)))
         targets.append({"labels": torch.tensor(labels, dtype=torch.int64), "masks": torch.stack(masks)})
@@ -224,12 +225,17 @@ def _check_margins(model, head_outputs, final: List[tuple]) -> None:
         if (scores - model.object_mask_threshold).abs().min() < MARGIN:
             raise _Unstable("a query score is at the object-mask threshold")
         keep = probs.argmax(-1).ne(NUM_CLASSES) & (scores > model.object_mask_threshold)
-        if int(keep.sum()) < 2:
-            raise _Unstable("fewer than two queries pass the object-mask threshold")
+        if int(keep.sum()) < 1:
+            raise _Unstable("no query passes the object-mask threshold")
         weighted = scores[keep][:, None, None] * mask_pred[keep].sigmoid()
-        top2 = weighted.topk(2, dim=0).values
-        if ((top2[0] - top2[1]) / top2[0]).min() < MARGIN / 2:
-            raise _Unstable(f"image {b}: a panoptic argmax is a near-tie")
+        if weighted.shape[0] > 1:
+            top2 = weighted.topk(2, dim=0).values
+            # exact ties come from queries whose masks pool the same CLIP cells and saturate:
+            # both implementations compute them identically and take the first query
+            gap = ((top2[0] - top2[1]) / top2[0])[top2[0] > 1e-30]
+            # (the two implementations' float32 results differ by ~1e-7 relative)
+            if gap[gap > 0].min() < MARGIN / 20:
+                raise _Unstable(f"image {b}: a panoptic argmax is a near-tie")
         owner = weighted.argmax(0)
         for k in range(weighted.shape[0]):
             own = int((mask_pred[keep][k] > 0).sum())
@@ -238,7 +244,7 @@ def _check_margins(model, head_outputs, final: List[tuple]) -> None:
                 raise _Unstable("a panoptic overlap ratio sits at the threshold")
         flat = probs[:, :-1].flatten().sort(descending=True).values
         k = min(model.test_topk_per_image, flat.numel() - 1)
-        if flat[k - 1] - flat[k] < MARGIN or (flat[:-1] - flat[1:]).min() < 1e-7:
+        if flat[k - 1] - flat[k] < MARGIN or (flat[:k] - flat[1 : k + 1]).min() < 1e-7:
             raise _Unstable("instance top-k scores nearly tie")
 
 
