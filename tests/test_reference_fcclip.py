@@ -23,8 +23,9 @@ from detectron2.data import MetadataCatalog
 from detectron2.modeling import build_model
 from detectron2.structures import Instances
 
-from openseg.checkpoint import OpenSegCheckpointer, detect_format
+from openseg.checkpoint import OpenSegCheckpointer, detect_format, read_checkpoint_file
 from openseg.config import load_config
+from openseg.data.splits import seen_unseen_split
 from openseg.projects.fcclip import geometric_ensemble
 from openseg.projects.fcclip.checkpoint import openseg_to_released, released_to_openseg
 from openseg.projects.fcclip.meta_arch import CLIP_POOLING_FEATURES
@@ -171,6 +172,29 @@ def test_seen_classes_and_class_splits_follow_the_release(reference):
     assert model.seen_classes.int().tolist() == reference["seen"]
     seen = [i for i, s in enumerate(reference["seen"]) if s]
     assert MetadataCatalog.get(TEST_NAME).class_splits["seen"] == seen
+    # the fixture tells the release's exact rule from openseg's plural-aware one ("dogs")
+    plural_aware = seen_unseen_split(model.train_vocabulary, model.test_vocabulary)["seen"]
+    assert plural_aware != seen
+
+
+def test_convert_checkpoint_tool_both_ways(reference, tmp_path):
+    """tools/convert_checkpoint.py: release -> openseg names -> release layout again."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "convert_checkpoint", Path(__file__).parents[1] / "tools" / "convert_checkpoint.py"
+    )
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    released = released_state(reference)
+    source, ours, back = tmp_path / "release.pth", tmp_path / "openseg.pth", tmp_path / "back.pth"
+    torch.save({"model": released}, source)
+    assert tool.convert(str(source), str(ours)) == "fcclip"
+    assert tool.convert(str(ours), str(back), to="fcclip") == "openseg"
+    restored = read_checkpoint_file(str(back))["model"]
+    assert sorted(restored) == sorted(released)
+    for key, value in released.items():
+        assert torch.equal(restored[key], value), key
 
 
 def test_every_decoder_prediction_matches(reference):
@@ -195,6 +219,18 @@ def test_out_of_vocabulary_and_ensembled_logits_match(reference):
     )
     for b, expected in enumerate(reference["ensembled"]):
         assert_close(ensembled[b], expected, f"image {b} ensembled log-probabilities")
+    # ENSEMBLE_ON_VALID_MASK: queries without a mask on the CLIP grid keep p_in
+    resized = torch.nn.functional.interpolate(
+        outputs["pred_masks"], size=outputs[CLIP_POOLING_FEATURES].shape[-2:], mode="bilinear",
+        align_corners=False,
+    )
+    valid = (resized > 0).flatten(2).any(-1)
+    on_valid = geometric_ensemble(
+        outputs["pred_logits"], out_vocab, model.seen_classes, model.ensemble_alpha,
+        model.ensemble_beta, valid,
+    )
+    for b, expected in enumerate(reference["ensembled_valid_mask"]):
+        assert_close(on_valid[b], expected, f"image {b} ensembled log-probabilities on valid masks")
     # the fixture tells alpha from beta: swapping them moves the result far beyond tolerance
     swapped = geometric_ensemble(
         outputs["pred_logits"], out_vocab, model.seen_classes, model.ensemble_beta, model.ensemble_alpha

@@ -8,8 +8,9 @@ the release recognises as a ConvNeXt, nothing downloaded), 2 deformable encoder 
 5 decoder predictions, 8 queries, mask / hidden width 64 (the release's in-vocabulary head
 needs them equal), non-square images of two sizes. Training and test vocabularies differ and
 are written as the release expects them (``"name,synonym"`` strings in `stuff_classes`):
-classes with several synonyms, test classes seen through a synonym only ("kitten") and unseen
-ones, so the seen / unseen rule, the synonym max and alpha vs beta all change the outputs.
+classes with several synonyms, test classes seen through a synonym only ("kitten"), unseen
+ones, and one ("hound,dogs") that only an inexact, plural-aware rule would call seen, so the
+seen / unseen rule, the synonym max and alpha vs beta all change the outputs.
 alpha = 0.25 and beta = 0.75 are not the defaults, so a swapped pair or a default cannot pass.
 
 Two stubs besides the compiled ops: the backbone's channel list (the release hard-codes it by
@@ -19,7 +20,8 @@ batch-first open_clip it calls open_clip's own `encode_text`, which computes the
 
 Saved (`fixtures.pt`): the state dict (release names), vocabularies, images / output sizes /
 ground truth; per decoder prediction the in-vocabulary logits and masks; the
-out-of-vocabulary logits; the ensembled log-probabilities handed to post-processing; the
+out-of-vocabulary logits; the ensembled log-probabilities handed to post-processing (also
+with ENSEMBLE_ON_VALID_MASK, some queries having no mask on the CLIP grid); the
 semantic / panoptic / instance results; and for a training step started from a fixed seed
 at the criterion: the weighted losses, the `torch.rand` draws and the gradients. The
 generator refuses weights whose results could flip under rounding noise.
@@ -37,20 +39,24 @@ import torch.nn.functional as F
 
 from ._stubs import add_reference_to_path
 
-SEED = 353
+SEED = 1089
 CRITERION_SEED = 4321
 ALPHA, BETA = 0.25, 0.75
 TRAIN_NAME, TEST_NAME = "fcclip_fixture_train", "fcclip_fixture_test"
 # release format: one "name,synonym,..." string per class, things first
 TRAIN_CLASSES = ["cat,kitten", "dog,puppy", "car,automobile", "sky", "grass,lawn"]
 TRAIN_THINGS = 3
-TEST_CLASSES = ["kitten,cat", "horse", "automobile", "truck,lorry", "sky,clouds", "road,street"]
+# "hound,dogs" is unseen under the release's exact-string rule, seen under a plural-aware one
+TEST_CLASSES = ["kitten,cat", "hound,dogs", "automobile", "truck,lorry", "sky,clouds", "road,street"]
 TEST_THINGS = 4
 OPEN_CLIP_NAME = "fixture_convnext_tiny"  # contains "convnext_", as the release requires
 TINY_CONFIG = Path(__file__).resolve().parents[2] / "projects/fcclip/open_clip_configs/openseg-fcclip-tiny-convnext.json"
 IMAGE_SHAPES = [((3, 60, 100), (70, 110)), ((3, 90, 116), (90, 116))]
 PADDED = (96, 128)
 MARGIN = 2e-5
+# relative gap between the two best (score x mask probability) of a pixel: float32 rounding of
+# the two implementations differs by a few 1e-7
+PANOPTIC_MARGIN = 2e-6
 
 SETTINGS = {
     "MODEL.SEM_SEG_HEAD.NUM_CLASSES": len(TRAIN_CLASSES),
@@ -147,7 +153,7 @@ def _randomise(model: torch.nn.Module, generator: torch.Generator) -> None:
             elif "attention_weights" in name:
                 tensor.copy_(noise(tensor, 0.08))
             elif "mask_embed.layers.2" in name:
-                tensor.mul_(20.0)  # mask logits of std ~10: few pixels sit near the 0 boundary
+                tensor.mul_(6.0)  # mask logits of a few units: few pixels sit near the 0 boundary
             elif tensor.dim() == 1:
                 tensor.add_(noise(tensor, 0.05))
             else:
@@ -265,7 +271,7 @@ def _check_margins(model, layers, clip_feature_size, ensembled) -> None:
         weighted = scores[keep][:, None, None] * mask_pred[keep].sigmoid()
         if weighted.shape[0] > 1:
             best = weighted.topk(2, dim=0).values
-            if ((best[0] - best[1]) / best[0]).min() < MARGIN / 2:
+            if ((best[0] - best[1]) / best[0]).min() < PANOPTIC_MARGIN:
                 raise _Unstable(f"image {b}: a panoptic argmax is a near-tie")
             owner = weighted.argmax(0)
             for k in range(weighted.shape[0]):
@@ -287,7 +293,7 @@ def generate(reference_root: Path, out_dir: Path) -> None:
     import fcclip  # noqa: F401  (registers FCCLIP, FCCLIPHead, the decoder, the backbone)
 
     _register_stubs()
-    for seed in range(SEED, SEED + 300):
+    for seed in range(SEED, SEED + 600):
         try:
             fixture = _attempt(reference, seed)
         except _Unstable as why:
@@ -295,7 +301,7 @@ def generate(reference_root: Path, out_dir: Path) -> None:
             continue
         torch.save(fixture, out_dir / "fixtures.pt")
         return
-    raise RuntimeError("no stable seed found in 300 attempts")
+    raise RuntimeError("no stable seed found in 600 attempts")
 
 
 def _set_metadata() -> None:
@@ -363,7 +369,7 @@ def _attempt(reference: Path, seed: int) -> dict:
               for o in outputs["aux_outputs"]]
     layers.append({"pred_logits": outputs["pred_logits"].clone(), "pred_masks": outputs["pred_masks"].clone()})
     clip_size = tuple(captured["clip"][-1].shape[-2:])
-    ensembled = captured["ensembled"]
+    ensembled = list(captured["ensembled"])
     _check_margins(model, layers, clip_size, ensembled)
     panoptic = []
     for r in results:
@@ -371,11 +377,28 @@ def _attempt(reference: Path, seed: int) -> dict:
         panoptic.append({"segment_map": segment_map.clone(), "segments_info": [dict(s) for s in segments]})
     things = sum(s["isthing"] for p in panoptic for s in p["segments_info"])
     stuff = sum(not s["isthing"] for p in panoptic for s in p["segments_info"])
-    if things < 2 or stuff < 1:
-        raise _Unstable(f"panoptic results need things and stuff (got {things}, {stuff})")
+    if things < 1 or things + stuff < 3:
+        raise _Unstable(f"panoptic results need things and 3 segments (got {things}, {stuff})")
     predicted = {s["category_id"] for p in panoptic for s in p["segments_info"]}
     if not any(seen[c] for c in predicted) or all(seen[c] for c in predicted):
         raise _Unstable(f"panoptic classes {sorted(predicted)} must include seen and unseen ones")
+    # the same inference with the release's ENSEMBLE_ON_VALID_MASK (queries whose mask misses
+    # every CLIP cell keep the in-vocabulary probabilities)
+    at_clip = F.interpolate(outputs["pred_masks"], size=clip_size, mode="bilinear", align_corners=False)
+    empty = ~(at_clip > 0).flatten(2).any(-1)
+    if not bool(empty.any()) or bool(empty.all()):
+        raise _Unstable("need queries with and without mask on the CLIP grid")
+    captured["ensembled"].clear()
+    model.ensemble_on_valid_mask = True
+    model.panoptic_inference = recording_panoptic
+    try:
+        with torch.no_grad():
+            model(_batched_inputs(images))
+    finally:
+        model.ensemble_on_valid_mask = False
+        del model.panoptic_inference
+    ensembled_valid_mask = [e.clone() for e in captured["ensembled"]]
+
     instances = []
     for r in results:
         inst = r["instances"]
@@ -442,6 +465,7 @@ def _attempt(reference: Path, seed: int) -> dict:
         "layers": layers,
         "out_vocab_logits": captured["out_vocab"][-1],
         "ensembled": [e.clone() for e in ensembled],
+        "ensembled_valid_mask": ensembled_valid_mask,
         "sem_seg": [r["sem_seg"].clone() for r in results],
         "panoptic": panoptic,
         "instances": instances,
