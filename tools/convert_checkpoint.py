@@ -8,6 +8,8 @@
     # FC-CLIP's released fcclip_cocopan.pth <-> openseg names
     python tools/convert_checkpoint.py fcclip_cocopan.pth fcclip_cocopan_openseg.pth
     python tools/convert_checkpoint.py model_final.pth fcclip_release.pth --to fcclip
+    # MAFT+'s released maftp_l.pth <-> openseg names
+    python tools/convert_checkpoint.py maftp_l.pth maftp_l_openseg.pth
 
 The input's layout is detected as for MODEL.WEIGHTS (`openseg.checkpoint`; `--from` forces
 one). The output is a model-zoo style pickle (numpy arrays under "model") when it ends in
