@@ -12,6 +12,7 @@ from openseg.modeling.oracles import PAPER_ROWS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FCCLIP_DEMO = os.path.join(ROOT, "configs", "demo", "fcclip_tiny_convnext.yaml")
+MAFTPLUS_DEMO = os.path.join(ROOT, "configs", "demo", "maftplus_pico_convnext.yaml")
 
 
 def load_study():
@@ -109,20 +110,21 @@ def training_set_without(name, missing):
 
 
 def test_study_on_two_models_has_no_nan_split_columns(tmp_path):
-    """Two models (one row block each) on a test set without built-in splits: the split
-    against the training vocabulary is applied, so no split column is NaN."""
+    """FC-CLIP and MAFT+ side by side (one row block each, issue 17) on a test set without
+    built-in splits: the split against the training vocabulary is applied, so no split column
+    is NaN."""
     study = load_study()
     dataset = without_splits("openseg_test_demo_val_no_splits", 1)  # "sand" is in it
     train = training_set_without("openseg_test_demo_train_no_cross_sand", {"cross", "sand"})
     result = study.main([
-        "--output", str(tmp_path), "--model", "A", FCCLIP_DEMO, "--model", "B", FCCLIP_DEMO,
+        "--output", str(tmp_path), "--model", "FC-CLIP", FCCLIP_DEMO, "--model", "MAFT+", MAFTPLUS_DEMO,
         "--", "DATASETS.TEST", f"('{dataset}',)", "DATASETS.TRAIN", f"('{train}',)",
         "DATALOADER.NUM_WORKERS", "0", "MODEL.MASK_FORMER.DEC_LAYERS", "2",
     ])
     assert MetadataCatalog.get(dataset).class_splits["unseen"] == [3, 7]  # "cross", "sand"
     for table in ("table2", "table3", "table4"):
         half = len(result[table]) // 2
-        assert [row["model"] for row in result[table]] == ["A"] * half + ["B"] * half
+        assert [row["model"] for row in result[table]] == ["FC-CLIP"] * half + ["MAFT+"] * half
         for row in result[table]:
             assert not any(math.isnan(row[c]) for c in ("PQ", "PQ_seen", "PQ_unseen"))
     for name in ("study.md", "study.json", "oracles.png", "figure4.png"):
