@@ -138,3 +138,29 @@ def test_mixture_config_has_the_six_datasets_of_the_paper():
     modes = dict(entry.split(":") for entry in cfg.MODEL.OSM.DATASET_MODES)
     assert modes["openseg_pascal_context459_sem_seg_train"] == "pc459"
     assert set(modes) == set(ratios)
+
+
+def test_mixture_loader_resumes_exactly():
+    """The mixture goes through openseg's resumable loader (train_net's checkpoint hook saves
+    its state): a loader restored after two batches gives the third batch of an uninterrupted
+    one, with the same augmentation."""
+    from openseg.projects.osm.data import build_mixture_train_loader
+
+    cfg = _cfg("DATASETS.TRAIN", "('openseg_demo_train', 'openseg_demo_val')",
+               "MODEL.OSM.DATASET_RATIOS", "[1.0, 3.0]", "MODEL.OSM.DATASET_MAPPERS", "['panoptic_osm', 'panoptic']",
+               "SOLVER.IMS_PER_BATCH", "4", "SEED", "7")
+    uninterrupted = iter(build_mixture_train_loader(cfg))
+    first_two = [next(uninterrupted) for _ in range(2)]
+    third = next(uninterrupted)
+    interrupted = build_mixture_train_loader(cfg)
+    batches = iter(interrupted)
+    for expected in first_two:
+        assert [x["file_name"] for x in next(batches)] == [x["file_name"] for x in expected]
+    state = interrupted.state_dict()
+    assert state["images_consumed"] == 8 and "sampler_seed" in state
+    resumed = build_mixture_train_loader(cfg)
+    resumed.load_state_dict(state)
+    batch = next(iter(resumed))
+    assert [(x["dataset_name"], x["file_name"]) for x in batch] == [(x["dataset_name"], x["file_name"]) for x in third]
+    for got, expected in zip(batch, third):
+        assert torch.equal(got["image"], expected["image"])

@@ -23,7 +23,7 @@ from typing import Callable, Dict, Iterator, List, Sequence, Tuple
 import numpy as np
 import torch
 from detectron2.config import CfgNode
-from detectron2.data import DatasetCatalog, build_detection_train_loader
+from detectron2.data import DatasetCatalog
 from detectron2.data import transforms as T
 from detectron2.utils import comm
 from PIL import Image
@@ -37,6 +37,7 @@ from openseg.data.mappers import (
     build_mapper,
     dataset_ignore_label,
 )
+from openseg.engine.data import build_resumable_train_loader
 
 __all__ = [
     "MixtureTrainingSampler",
@@ -128,11 +129,11 @@ class MixtureTrainingSampler(Sampler):
         self.sizes = list(sizes)
         self.offsets = [0] + list(itertools.accumulate(sizes))[:-1]
         self.ratios = torch.tensor(ratios, dtype=torch.float64)
-        self.seed = seed
+        self._seed = seed  # detectron2's name: the resumable loader saves and restores it
         self.rank, self.world_size = comm.get_rank(), comm.get_world_size()
 
     def _infinite_indices(self) -> Iterator[int]:
-        generator = torch.Generator().manual_seed(self.seed)
+        generator = torch.Generator().manual_seed(self._seed)
         while True:
             datasets = torch.multinomial(self.ratios, 1024, replacement=True, generator=generator)
             for d in datasets.tolist():
@@ -164,9 +165,9 @@ def build_dataset_mappers(cfg: CfgNode) -> Dict[str, Callable[[Dict], Dict]]:
 
 
 def build_mixture_train_loader(cfg: CfgNode):
-    """The training loader of DATASETS.TRAIN mixed by MODEL.OSM.DATASET_RATIOS ([] = in
-    proportion to their sizes), each dataset through its mapper (`build_dataset_mappers`);
-    records carry `dataset_name`."""
+    """The (resumable, openseg.engine.data) training loader of DATASETS.TRAIN mixed by
+    MODEL.OSM.DATASET_RATIOS ([] = in proportion to their sizes), each dataset through its
+    mapper (`build_dataset_mappers`); records carry `dataset_name`."""
     names = list(cfg.DATASETS.TRAIN)
     mappers = build_dataset_mappers(cfg)
     records: List[Dict] = []
@@ -181,11 +182,19 @@ def build_mixture_train_loader(cfg: CfgNode):
             f"cfg.MODEL.OSM.DATASET_RATIOS has {len(ratios)} entries for {len(names)} DATASETS.TRAIN {names}."
         )
     logger.info("OSM training mixture: " + ", ".join(f"{n} ({s} images, ratio {r})" for n, s, r in zip(names, sizes, ratios)))
-    return build_detection_train_loader(
+    return build_resumable_train_loader(
+        cfg,
+        _DatasetMapper(mappers),
         dataset=records,
-        mapper=lambda record: mappers[record["dataset_name"]](record),
-        sampler=MixtureTrainingSampler(sizes, ratios, seed=comm.shared_random_seed()),
-        total_batch_size=cfg.SOLVER.IMS_PER_BATCH,
-        aspect_ratio_grouping=cfg.DATALOADER.ASPECT_RATIO_GROUPING,
-        num_workers=cfg.DATALOADER.NUM_WORKERS,
+        sampler=MixtureTrainingSampler(sizes, ratios, seed=cfg.SEED if cfg.SEED >= 0 else comm.shared_random_seed()),
     )
+
+
+class _DatasetMapper:
+    """Maps a mixture record with the mapper of its `dataset_name` (picklable for workers)."""
+
+    def __init__(self, mappers: Dict[str, Callable[[Dict], Dict]]):
+        self.mappers = mappers
+
+    def __call__(self, record: Dict) -> Dict:
+        return self.mappers[record["dataset_name"]](record)
