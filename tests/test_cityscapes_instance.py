@@ -141,6 +141,26 @@ def test_cityscapes_ap_against_hand_computation(cityscapes, tmp_path):
     assert np.isnan(metrics["AP-rider"])
 
 
+def test_panoptic_config_scores_cityscapes_ap_with_19_class_ids(cityscapes, tmp_path):
+    """The released panoptic configs report the Cityscapes AP too: on the 19-class panoptic
+    dataset (contiguous id = trainId: person 11, car 13) the ground truth is found from the
+    image name and the hand case gives the same numbers."""
+    cfg = load_config(str(REPO / "configs" / "cityscapes" / "maskformer" / "panoptic-segmentation" / "maskformer2_R50_bs16_90k.yaml"))
+    assert list(cfg.TEST.EVALUATORS) == ["panoptic", "semantic", "cityscapes_instance"]
+    cfg.TEST.EVALUATORS = ["cityscapes_instance"]
+    records = [{k: v for k, v in r.items() if k != "instance_ids_file_name"} for r in DatasetCatalog.get(NAME)]
+    evaluators = build_evaluator(cfg, "openseg_cityscapes_fine_panoptic_val", None)
+    evaluators.reset()
+    first = _prediction(
+        [(10, 30, 0, 20), (4, 30, 20, 42), (10, 30, 45, 59), (30, 40, 0, 20), (0, 4, 0, 60), (30, 35, 50, 60)],
+        [13, 13, 11, 13, 13, 13],
+        [0.9, 0.8, 0.6, 0.95, 0.97, 0.99],
+    )
+    evaluators.process(records, [first, _prediction([], [], [])])
+    metrics = evaluators.evaluate()["segm"]
+    assert (metrics["AP"], metrics["AP50"]) == (pytest.approx(60.0), pytest.approx(75.0))
+
+
 def test_missing_ground_truth_is_named(cityscapes, tmp_path):
     records = DatasetCatalog.get(NAME)
     records[0]["instance_ids_file_name"] = str(tmp_path / "nowhere_gtFine_instanceIds.png")
