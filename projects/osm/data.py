@@ -48,6 +48,8 @@ __all__ = [
     "release_resize_hw",
 ]
 
+logger = logging.getLogger(__name__)
+
 OSM_PAD_VALUE = 0  # the release pads images with zeros (train/data.py)
 
 
@@ -112,8 +114,6 @@ def instance_osm(cfg: CfgNode, is_train: bool) -> InstanceDatasetMapper:
 @MAPPER_REGISTRY.register()
 def semantic_osm(cfg: CfgNode, is_train: bool) -> SemanticDatasetMapper:
     return SemanticDatasetMapper(cfg, is_train, **_osm_arguments(cfg, is_train))
-
-logger = logging.getLogger(__name__)
 
 
 class MixtureTrainingSampler(Sampler):
