@@ -18,6 +18,7 @@ from pycocotools import mask as mask_util
 
 from openseg.config import add_openseg_config, load_config
 from openseg.data.datasets.cityscapes import register_all_cityscapes
+from openseg.data.datasets.common import dataset_root
 from openseg.data.mappers import build_mapper
 from openseg.evaluation.builder import build_evaluator
 
@@ -55,7 +56,7 @@ def cityscapes(tmp_path):
         _save(tmp_path / "cityscapes" / "gtFine" / "val" / "lindau" / f"{stem}_gtFine_instanceIds.png", ids)
     register_all_cityscapes(tmp_path)
     yield first, second
-    register_all_cityscapes(tmp_path / "absent")
+    register_all_cityscapes(dataset_root())  # the session's registration
 
 
 def _decode(segmentation):
