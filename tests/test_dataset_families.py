@@ -137,6 +137,12 @@ REGISTER_ALL = {
             "prepare_pascal_context.py",
         ),
         (
+            "pascal_context",
+            "openseg_pascal_context459_sem_seg_train",
+            "JPEGImages",
+            "prepare_pascal_context.py",
+        ),
+        (
             "sun_rgbd",
             "openseg_sun_rgbd37_sem_seg_val",
             "images_detectron2/val",
@@ -403,6 +409,46 @@ def test_pascal_context_59_and_459(root):
     )
     meta = MetadataCatalog.get("openseg_pascal_context459_sem_seg_val")
     assert meta.stuff_classes == names and meta.ignore_label == 65535
+
+
+def test_pascal_context_459_train_ignores_unknown_as_osm_release(root):
+    """PC-459 train: label id - 1 as val, and "unknown" also ignored (OSM's release trains with
+    ignore_value_list [65535, 430], 430 = "unknown" of the 459 names)."""
+    voc2010 = root / "VOCdevkit" / "VOC2010"
+    source_names = [
+        pascal_context.PASCAL_CONTEXT_SOURCE_NAMES.get(n, n)
+        for n in pascal_context.PASCAL_CONTEXT_59_CLASSES
+    ]
+    names = ["accordion", "unknown"] + [n for n in source_names if n != "aeroplane"] + ["aeroplane"]
+    (voc2010 / "trainval").mkdir(parents=True)
+    (voc2010 / "labels.txt").write_text("".join(f"{i}: {n}\n" for i, n in enumerate(names, start=1)))
+    (voc2010 / "ImageSets" / "Main").mkdir(parents=True)
+    (voc2010 / "ImageSets" / "Main" / "train.txt").write_text("2008_000008\n")
+    (voc2010 / "ImageSets" / "Main" / "val.txt").write_text("2008_000008\n")
+    scipy.io.savemat(
+        voc2010 / "trainval" / "2008_000008.mat",
+        {"LabelMap": np.array([[0, 1, 2], [3, 60, 2]], np.uint16)},
+    )
+    save_jpg(voc2010 / "JPEGImages" / "2008_000008.jpg", 2, 3)
+    prepare = load_script("prepare_pascal_context")
+    assert prepare.convert(voc2010, voc2010 / "ImageSets" / "Main" / "train.txt", "train") == 1
+    assert not (voc2010 / "annotations_detectron2" / "pc59_val").exists()  # PC-59: val only
+    prepare.convert(voc2010, voc2010 / "ImageSets" / "Main" / "val.txt", "val")
+    pascal_context.register_all_pascal_context(root)
+
+    (train,) = DatasetCatalog.get("openseg_pascal_context459_sem_seg_train")
+    assert train["file_name"] == str(voc2010 / "JPEGImages" / "2008_000008.jpg")
+    np.testing.assert_array_equal(
+        np.asarray(Image.open(train["sem_seg_file_name"])), [[65535, 0, 65535], [2, 59, 65535]]
+    )
+    (val,) = DatasetCatalog.get("openseg_pascal_context459_sem_seg_val")
+    np.testing.assert_array_equal(
+        np.asarray(Image.open(val["sem_seg_file_name"])), [[65535, 0, 1], [2, 59, 1]]
+    )
+    meta = MetadataCatalog.get("openseg_pascal_context459_sem_seg_train")
+    assert meta.stuff_classes == names and meta.ignore_label == 65535
+    with pytest.raises(ValueError, match="split"):
+        prepare.convert(voc2010, voc2010 / "ImageSets" / "Main" / "val.txt", "test")
 
 
 # ------------------------------------------------------------------ ScanNet

@@ -339,13 +339,13 @@ def test_mixture_loader_tags_records_with_their_dataset(base_dir):
     from openseg.projects.osm.data import build_mixture_train_loader
 
     cfg = _cfg(base_dir, "DATASETS.TRAIN", "('openseg_demo_train', 'openseg_demo_val')",
-               "MODEL.OSM.DATASET_RATIOS", "[1.0, 3.0]", "MODEL.OSM.DATASET_MAPPERS", "['panoptic_lsj', 'panoptic']",
+               "MODEL.OSM.DATASET_RATIOS", "[1.0, 3.0]", "MODEL.OSM.DATASET_MAPPERS", "['panoptic_osm', 'panoptic']",
                "SOLVER.IMS_PER_BATCH", "8")
     batch = next(iter(build_mixture_train_loader(cfg)))
     names = [x["dataset_name"] for x in batch]
     assert len(batch) == 8 and set(names) <= {"openseg_demo_train", "openseg_demo_val"}
     lsj = [tuple(x["image"].shape[-2:]) for x in batch if x["dataset_name"] == "openseg_demo_train"]
-    assert all(hw == (56, 56) for hw in lsj)  # the LSJ mapper's fixed crop of INPUT.IMAGE_SIZE
+    assert all(hw == (56, 56) for hw in lsj)  # the OSM mapper's fixed crop of INPUT.IMAGE_SIZE
     with pytest.raises(ValueError, match="DATASET_RATIOS"):
         build_mixture_train_loader(_cfg(base_dir, "MODEL.OSM.DATASET_RATIOS", "[1.0, 2.0]"))
 

@@ -131,9 +131,10 @@ def build_standard_augmentation(
     return augmentations + _flip(cfg)
 
 
-def build_lsj_augmentation(cfg: CfgNode) -> List[T.Augmentation]:
+def build_lsj_augmentation(cfg: CfgNode, ignore_label: int = IGNORE_LABEL) -> List[T.Augmentation]:
     """Large-scale jitter: flip, rescale the image to [MIN_SCALE, MAX_SCALE] x IMAGE_SIZE,
-    then a random IMAGE_SIZE x IMAGE_SIZE crop, padded when smaller (Mask2Former, COCO)."""
+    then a random IMAGE_SIZE x IMAGE_SIZE crop, padded when smaller (Mask2Former, COCO: the
+    image with 128 as detectron2's FixedSizeCrop, the semantic map with `ignore_label`)."""
     size = cfg.INPUT.IMAGE_SIZE
     return _flip(cfg) + [
         T.ResizeScale(
@@ -143,7 +144,7 @@ def build_lsj_augmentation(cfg: CfgNode) -> List[T.Augmentation]:
             target_width=size,
         ),
         T.FixedSizeCrop(
-            crop_size=(size, size), pad_value=IMAGE_PAD_VALUE, seg_pad_value=IGNORE_LABEL
+            crop_size=(size, size), pad_value=IMAGE_PAD_VALUE, seg_pad_value=ignore_label
         ),
     ]
 
@@ -163,7 +164,9 @@ def _flip(cfg: CfgNode) -> List[T.Augmentation]:
     ]
 
 
-def _ignore_label(cfg: CfgNode, is_train: bool) -> int:
+def dataset_ignore_label(cfg: CfgNode, is_train: bool) -> int:
+    """`ignore_label` of the first dataset of DATASETS.TRAIN (or TEST): 255, or 65535 for the
+    16-bit label maps (ADE20K-847, PC-459)."""
     names = cfg.DATASETS.TRAIN if is_train else cfg.DATASETS.TEST
     return (
         MetadataCatalog.get(names[0]).get("ignore_label", IGNORE_LABEL) if names else IGNORE_LABEL
@@ -225,7 +228,7 @@ class SegmentationDatasetMapper(ABC):
             "is_train": is_train,
             "augmentations": augmentations,
             "image_format": cfg.INPUT.FORMAT,
-            "ignore_label": _ignore_label(cfg, is_train),
+            "ignore_label": dataset_ignore_label(cfg, is_train),
             "size_divisibility": cfg.INPUT.SIZE_DIVISIBILITY,
             "keep_ground_truth": not is_train and oracles_enabled(cfg),
         }
@@ -271,7 +274,9 @@ class SegmentationDatasetMapper(ABC):
         else:
             classes = targets.classes
             masks = transform_masks(transforms, targets.masks, (height, width))
-        keep = masks.reshape(len(masks), -1).any(axis=1)  # drop masks cropped away
+        # drop masks cropped away; an image left with none gets empty targets (as detectron2's
+        # and Mask2Former's mappers give), never a reshape of a zero-size array
+        keep = masks.any(axis=(1, 2)) if masks.size else np.zeros(len(masks), bool)
 
         image_tensor = _image_tensor(image)
         mask_tensor = torch.from_numpy(np.ascontiguousarray(masks[keep]))
@@ -398,7 +403,9 @@ def _padding(image_hw: Tuple[int, int], divisor: int) -> Tuple[int, int, int, in
 
 
 def _lsj_arguments(cfg: CfgNode, is_train: bool) -> dict:
-    return {"augmentations": build_lsj_augmentation(cfg)} if is_train else {}
+    if not is_train:
+        return {}
+    return {"augmentations": build_lsj_augmentation(cfg, dataset_ignore_label(cfg, is_train))}
 
 
 @MAPPER_REGISTRY.register()

@@ -150,10 +150,29 @@ class ResumableTrainLoader:
             self._sampler.sampler._seed = int(state["sampler_seed"])
 
 
-def build_resumable_train_loader(cfg, mapper: Callable[[dict], Any]) -> ResumableTrainLoader:
+def build_resumable_train_loader(
+    cfg,
+    mapper: Callable[[dict], Any],
+    dataset: Optional[List[dict]] = None,
+    sampler: Optional[Sampler] = None,
+) -> ResumableTrainLoader:
     """detectron2's training loader for `cfg` (same dataset, sampler, batch size, aspect-ratio
-    grouping and workers) made resumable; batches are lists of mapped dicts, as detectron2's."""
-    args = build_detection_train_loader.from_config(cfg, mapper=mapper)
+    grouping and workers) made resumable; batches are lists of mapped dicts, as detectron2's.
+
+    `dataset` and `sampler` (an infinite per-rank index sampler; a `_seed` attribute is saved
+    and restored) replace those of DATASETS.TRAIN, for a meta-architecture's own mixture."""
+    if (dataset is None) != (sampler is None):
+        raise ValueError("build_resumable_train_loader: give both `dataset` and `sampler`, or neither.")
+    if dataset is None:
+        args = build_detection_train_loader.from_config(cfg, mapper=mapper)
+    else:
+        args = {
+            "dataset": dataset,
+            "sampler": sampler,
+            "total_batch_size": cfg.SOLVER.IMS_PER_BATCH,
+            "aspect_ratio_grouping": cfg.DATALOADER.ASPECT_RATIO_GROUPING,
+            "num_workers": cfg.DATALOADER.NUM_WORKERS,
+        }
     dicts = args["dataset"]
     if not isinstance(dicts, list):
         raise TypeError("the resumable training loader needs a list of dataset dicts (DATASETS.TRAIN)")

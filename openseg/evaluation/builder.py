@@ -27,6 +27,7 @@ EVALUATOR_FAMILIES: Dict[str, Union[str, EvaluatorFactory]] = {
     "panoptic": "openseg.evaluation.panoptic:PanopticEvaluator",
     "semantic": "openseg.evaluation.semantic:SemanticEvaluator",
     "instance": "openseg.evaluation.instance:InstanceSegEvaluator",
+    "cityscapes_instance": "openseg.evaluation.cityscapes_instance:CityscapesInstanceEvaluator",
     "open_world_ar": "openseg.evaluation.open_world:OpenWorldAREvaluator",
     "referring": "openseg.evaluation.referring:ReferringEvaluator",
     "open_ended": "openseg.evaluation.open_ended:OpenEndedAccuracyEvaluator",

@@ -1,7 +1,9 @@
 """OSM, the OmniScient Model (Yu, Shen and Chen, "Towards Open-Ended Visual Recognition with
 Large Language Model", ECCV 2024), on transformers' InstructBLIP, plus OPAL (App. B of
-"Benchmarking Open-Ended Segmentation"). Importing registers the `OSM` meta-architecture."""
+"Benchmarking Open-Ended Segmentation"). Importing registers the `OSM` meta-architecture and the mappers of the release's scale
+jitter (`panoptic_osm`, `instance_osm`, `semantic_osm`)."""
 
+from . import data  # noqa: F401  registers the OSM mappers
 from .config import add_osm_config
 from .meta_arch import OSM
 from .omniscient import RELEASE_MODES, OmniScient, context_box_mask, load_base_model, load_released_checkpoint

@@ -4,6 +4,9 @@ datasets/prepare_pascal_context.py from the official `trainval/*.mat` + `labels.
 `VOCdevkit/VOC2010/annotations_detectron2/pc59_val/*.png` (255 = not one of the 59) and
 `.../pc459_val/*.tif` (uint16, 65535 = unlabeled). PC-459 names are read from
 `VOCdevkit/VOC2010/pc459_classes.json`, written by the same script from labels.txt.
+
+PC-459 train (VOC2010 train images, 4998; one of OSM's training sets, Yu et al. Sec. 3.3):
+`.../pc459_train/*.tif`, the same ids with "unknown" also ignored, as OSM's release trains.
 """
 
 import json
@@ -44,7 +47,8 @@ def load_pascal_context_459_classes(root: Path) -> Dict:
 
 
 def register_all_pascal_context(root: Path) -> None:
-    """Register openseg_pascal_context59_sem_seg_val and openseg_pascal_context459_sem_seg_val."""
+    """Register openseg_pascal_context59_sem_seg_val and
+    openseg_pascal_context459_sem_seg_{train,val}."""
     root = Path(root)
     voc = root / "VOCdevkit" / "VOC2010"
     register_semantic(
@@ -55,11 +59,12 @@ def register_all_pascal_context(root: Path) -> None:
         stuff_classes=list(PASCAL_CONTEXT_59_CLASSES),
         synonyms=[list(s) for s in PASCAL_CONTEXT_59_SYNONYMS],
     )
-    register_semantic(
-        "openseg_pascal_context459_sem_seg_val",
-        voc / "JPEGImages",
-        voc / "annotations_detectron2" / "pc459_val",
-        _PREPARE,
-        ignore_label=PC459_IGNORE_LABEL,
-        lazy_metadata=partial(load_pascal_context_459_classes, root),
-    )
+    for split in ("train", "val"):
+        register_semantic(
+            f"openseg_pascal_context459_sem_seg_{split}",
+            voc / "JPEGImages",
+            voc / "annotations_detectron2" / f"pc459_{split}",
+            _PREPARE,
+            ignore_label=PC459_IGNORE_LABEL,
+            lazy_metadata=partial(load_pascal_context_459_classes, root),
+        )
