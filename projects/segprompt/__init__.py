@@ -2,7 +2,7 @@
 class-agnostic Mask2Former for open-world instance segmentation."""
 
 from .config import add_segprompt_config
-from .matching import many_to_one_assignment, one_to_one_assignment
+from .matching import one_to_one_assignment
 from .meta_arch import SegPromptMaskFormer
 from .prompt_cache import PromptCache
 from .queries import PromptQueryBuilder, select_examples, select_prompt_classes
@@ -12,7 +12,6 @@ __all__ = [
     "PromptQueryBuilder",
     "SegPromptMaskFormer",
     "add_segprompt_config",
-    "many_to_one_assignment",
     "one_to_one_assignment",
     "select_examples",
     "select_prompt_classes",
