@@ -272,8 +272,8 @@ def test_eq6_query_initialisation_by_hand():
     model = build_model(tiny_cfg())
     builder, decoder = model.query_builder, model.transformer_decoder
     assert isinstance(builder.prompt_to_content, torch.nn.Identity)  # release: p_c as is
-    prompts = torch.randn(3, 32)
-    rows = torch.tensor([[2, 0, 1]])
+    prompts = torch.randn(5, 32)
+    rows = torch.tensor([[2, 0, 3]])
     ranks = torch.tensor([[5, 1], [0, 3], [2, 4]])
     content, pos = builder(rows, prompts, decoder.query_feat.weight, decoder.query_embed.weight, ranks)
     for slot, row in enumerate(rows[0].tolist()):
@@ -297,13 +297,14 @@ def test_example_selection_follows_release():
     # fewer instances than slots: all of them in annotation order, never the -1 instance
     assert select_examples(rows, 10).tolist() == [0, 1, 2, 4, 5]
     selected, positive = select_prompt_classes(
-        [torch.tensor([2, 2, 0]), torch.tensor([], dtype=torch.long)], 4, 3, random.Random(0)
+        [torch.tensor([2, 2, 0]), torch.tensor([], dtype=torch.long)], [0, 2, 5, 7], 3, random.Random(0)
     )
     assert positive.tolist() == [[True, True, False], [False, False, False]]
-    assert selected[0, :2].tolist() == [0, 2] and selected[0, 2].item() in (1, 3)
+    assert selected[0, :2].tolist() == [0, 2] and selected[0, 2].item() in (5, 7)
+    assert set(selected[1].tolist()) <= {0, 2, 5, 7}
     assert selected[1].tolist() == sorted(set(selected[1].tolist())) and len(set(selected[1].tolist())) == 3
     with pytest.raises(ValueError, match="C_max"):
-        select_prompt_classes([torch.tensor([0])], 2, 3)
+        select_prompt_classes([torch.tensor([0])], [0, 2], 3)
 
 
 def test_intra_class_matching_leaves_unmatched_queries_without_mask():
@@ -316,7 +317,7 @@ def test_intra_class_matching_leaves_unmatched_queries_without_mask():
         masks[i, 3 * i : 3 * i + 5, 2 * i : 2 * i + 6] = True
     targets = [{"labels": torch.zeros(4, dtype=torch.long), "masks": masks, "known_rows": torch.tensor([0, 0, 0, 2])}]
     outputs = {"pred_logits": torch.randn(1, 6, 2), "pred_masks": torch.randn(1, 6, 16, 16)}
-    rows, positive = torch.tensor([[0, 2, 1]]), torch.tensor([[True, True, False]])
+    rows, positive = torch.tensor([[0, 2, 3]]), torch.tensor([[True, True, False]])
     torch.manual_seed(1)
     (queries, gts), = model.match_prompts(outputs, targets, rows, positive)
     assert len(queries) == 3 and set(queries.tolist()) <= {0, 1, 2, 3}
@@ -383,7 +384,7 @@ def test_training_step_updates_prompts_and_trains_prompt_embeddings():
     torch.manual_seed(0)
     model = build_model(tiny_cfg())
     assert isinstance(model, SegPromptMaskFormer)
-    assert model.known_rows(torch.tensor([0, 1, 2, 3, 4])).tolist() == [0, -1, 1, 2, -1]
+    assert model.known_rows(torch.tensor([0, 1, 2, 3, 4])).tolist() == [0, -1, 2, 3, -1]
     model.train()
     losses = model(synthetic_batch())
     levels = ("", "_0", "_1")
@@ -391,8 +392,8 @@ def test_training_step_updates_prompts_and_trains_prompt_embeddings():
     expected = {f"loss_{n}{b}{s}" for n in ("ce", "mask", "dice") for b in branches for s in levels}
     assert set(losses) == expected
     assert all(torch.isfinite(v) for v in losses.values())
-    # the batch holds examples of known classes 0 (row 0), 2 (row 1), 3 (row 2)
-    assert (model.prompt_cache.prompts.abs().sum(dim=1) > 0).tolist() == [True, True, True]
+    # the batch holds examples of the known classes 0, 2, 3; rows are class ids
+    assert (model.prompt_cache.prompts.abs().sum(dim=1) > 0).tolist() == [True, False, True, True, False]
     model.zero_grad()
     sum(model(synthetic_batch()).values()).backward()
     for parameter in (model.query_builder.class_content.weight, model.transformer_decoder.query_feat.weight):
@@ -436,8 +437,6 @@ def test_vanilla_m2f_is_a_parallel_branch_with_its_own_class_head_only():
         {"AUXILIARY": "none"},
         {"USE_PROMPT": False, "USE_CLASS_EMBEDDING": False, "EXAMPLE_SUPERVISION": False},
         {"RANK_EMBEDDING": "learned", "PROMPT_PROJECTION": True, "PROMPT_ATTENTION": "SelfAttn"},
-        {"PROMPT_ATTENTION": "SelfAttn_independent"},
-        {"PROMPT_ATTENTION": "RefAttn_inter_class_visible"},
     ],
 )
 def test_ablation_variants_train(options):
@@ -502,3 +501,36 @@ def test_lvis_ow_iteration_budgets_are_the_releases():
     assert (segprompt.SOLVER.MAX_ITER, tuple(segprompt.SOLVER.STEPS)) == (90000, (60000, 80000))
     assert segprompt.MODEL.BACKBONE.FREEZE_AT == 5
     assert segprompt.MODEL.WEIGHTS.endswith("maskformer_R50_class_agnostic/model_final.pth")
+
+
+def test_release_checkpoint_loads(tmp_path):
+    """A state dict in the release's `SegPrompt` layout (names from its
+    segprompt_transformer_decoder.py: 1204-row id tables with a padding row, an 81-way
+    binary class head, criterion2/3) loads through OpenSegCheckpointer into the same tensors."""
+    from openseg.checkpoint import OpenSegCheckpointer, convert_to_openseg, openseg_to_reference
+
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg())
+    model.prompt_cache.prompts.normal_()
+    ours = {k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
+    prompt_keys = {"prompt_cache.prompts": "memory_bank", "query_builder.class_content.weight": "id2feat",
+                   "query_builder.class_pos.weight": "id2pe"}
+    released = openseg_to_reference({k: v for k, v in ours.items() if k not in prompt_keys})
+    for key, name in prompt_keys.items():
+        released[f"sem_seg_head.predictor.{name}.weight"] = torch.cat([ours[key], torch.randn(1, 32)])
+    head = "sem_seg_head.predictor.class_embed."
+    for suffix in ("weight", "bias"):
+        full = torch.randn(81, *released[head + suffix].shape[1:])
+        full[[0, 80]] = released[head + suffix]
+        released[head + suffix] = full
+    released["criterion2.empty_weight"] = released["criterion3.empty_weight"] = torch.ones(81)
+    converted, checkpoint_format = convert_to_openseg(released)
+    assert checkpoint_format.name == "segprompt"
+    assert set(converted) == set(ours)
+    assert all(torch.equal(converted[k], ours[k]) for k in ours)
+    path = tmp_path / "segprompt_release.pth"
+    torch.save({"model": released}, path)
+    fresh = build_model(tiny_cfg())
+    OpenSegCheckpointer(fresh).load(str(path))
+    assert torch.equal(fresh.prompt_cache.prompts, model.prompt_cache.prompts)
+    assert torch.equal(fresh.transformer_decoder.class_predictor.weight, model.transformer_decoder.class_predictor.weight)

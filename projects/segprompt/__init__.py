@@ -1,6 +1,7 @@
 """SegPrompt (Zhu et al. ICCV 2023): category-level prompt learning as auxiliary training of a
 class-agnostic Mask2Former for open-world instance segmentation."""
 
+from . import checkpoint  # registers the release checkpoint format
 from .config import add_segprompt_config
 from .matching import one_to_one_assignment
 from .meta_arch import SegPromptMaskFormer

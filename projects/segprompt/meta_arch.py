@@ -48,21 +48,21 @@ Indices = List[Tuple[Tensor, Tensor]]
 OUTPUT_KEYS = ("pred_logits", "pred_masks", "pred_embeds", "pred_queries")
 
 
-def known_classes_of_dataset(dataset_name: str) -> List[int]:
-    """Contiguous ids of the classes labelled in training: `class_splits["known"]` of the
-    dataset's metadata, else every class (`stuff_classes`, else `thing_classes`)."""
+def known_classes_of_dataset(dataset_name: str) -> Tuple[List[int], int]:
+    """Contiguous ids of the classes labelled in training (`class_splits["known"]` of the
+    dataset's metadata, else every class) and the number of classes of the dataset
+    (`stuff_classes`, else `thing_classes`)."""
     metadata = MetadataCatalog.get(dataset_name)
-    splits = metadata.get("class_splits", None)
-    if splits and "known" in splits:
-        return sorted(int(i) for i in splits["known"])
     classes = metadata.get("stuff_classes", None) or metadata.get("thing_classes", None)
     if not classes:
         raise ValueError(
-            f"SegPrompt: dataset '{dataset_name}' (cfg.DATASETS.TRAIN[0]) has neither "
-            "class_splits['known'] nor stuff_classes / thing_classes in its metadata; the "
-            "prompt cache needs the known classes."
+            f"SegPrompt: dataset '{dataset_name}' (cfg.DATASETS.TRAIN[0]) has no stuff_classes "
+            "/ thing_classes in its metadata; the prompt cache needs the classes."
         )
-    return list(range(len(classes)))
+    splits = metadata.get("class_splits", None)
+    if splits and "known" in splits:
+        return sorted(int(i) for i in splits["known"]), len(classes)
+    return list(range(len(classes))), len(classes)
 
 
 def concat_query_outputs(outputs: Sequence[Dict]) -> Dict:
@@ -98,6 +98,7 @@ class SegPromptMaskFormer(OpenSegMaskFormer):
         self,
         *,
         known_classes: Sequence[int],
+        num_dataset_classes: int,
         auxiliary: str,
         max_examples: int,
         example_supervision: bool,
@@ -115,8 +116,11 @@ class SegPromptMaskFormer(OpenSegMaskFormer):
     ):
         """
         Args:
-            known_classes: contiguous ids of the labelled (known) classes; cache row i is
-                class known_classes[i].
+            known_classes: contiguous ids of the labelled (known) classes.
+            num_dataset_classes: number of classes of the training set. As in the release,
+                the prompt cache and the class embeddings s_c have one row per class of the
+                dataset (row = contiguous class id; only known rows are used), so the release's
+                LVIS tables load row for row.
             auxiliary: "segprompt", "vanilla_m2f" or "none" (Table 5).
             max_examples: example queries per image.
             example_supervision: train the example queries' class and mask.
@@ -146,9 +150,10 @@ class SegPromptMaskFormer(OpenSegMaskFormer):
                     f"cfg.MODEL.SEGPROMPT.{name}={value!r}; expected one of {allowed}."
                 )
         known_classes = sorted(set(int(c) for c in known_classes))
-        if not known_classes or known_classes[0] < 0:
+        if not known_classes or known_classes[0] < 0 or known_classes[-1] >= num_dataset_classes:
             raise ValueError(
-                f"SegPrompt: known classes must be non-negative ids, got {known_classes}."
+                f"SegPrompt: known classes must be ids in [0, {num_dataset_classes}), got "
+                f"{known_classes}."
             )
         if auxiliary == "vanilla_m2f" and vanilla_criterion is None:
             raise ValueError("SegPrompt: AUXILIARY 'vanilla_m2f' needs a vanilla_criterion.")
@@ -159,9 +164,10 @@ class SegPromptMaskFormer(OpenSegMaskFormer):
         self.queries_per_class = queries_per_class
         self.min_mask_area = min_mask_area
         self.prompt_attention = prompt_attention
-        lookup = torch.full((known_classes[-1] + 1,), -1, dtype=torch.int64)
-        lookup[torch.tensor(known_classes)] = torch.arange(len(known_classes))
-        self.register_buffer("known_row_of_class", lookup, persistent=False)
+        self.known_classes = known_classes
+        is_known = torch.zeros(num_dataset_classes, dtype=torch.bool)
+        is_known[torch.tensor(known_classes)] = True
+        self.register_buffer("is_known", is_known, persistent=False)
 
         hidden_dim = self.transformer_decoder.hidden_dim
         if auxiliary == "segprompt":
@@ -170,9 +176,9 @@ class SegPromptMaskFormer(OpenSegMaskFormer):
                     "cfg.MODEL.SEGPROMPT.MAX_EXAMPLES_PER_IMAGE and MAX_PROMPT_CLASSES must be "
                     f"positive, got {max_examples} and {max_prompt_classes}."
                 )
-            self.prompt_cache = PromptCache(len(known_classes), hidden_dim, cache_momentum)
+            self.prompt_cache = PromptCache(num_dataset_classes, hidden_dim, cache_momentum)
             self.query_builder = PromptQueryBuilder(
-                len(known_classes),
+                num_dataset_classes,
                 hidden_dim,
                 queries_per_class,
                 use_prompt=use_prompt,
@@ -192,9 +198,10 @@ class SegPromptMaskFormer(OpenSegMaskFormer):
             raise ValueError(
                 "SegPrompt: cfg.DATASETS.TRAIN is empty; the known classes come from it."
             )
-        known = known_classes_of_dataset(cfg.DATASETS.TRAIN[0])
+        known, num_dataset_classes = known_classes_of_dataset(cfg.DATASETS.TRAIN[0])
         args.update(
             known_classes=known,
+            num_dataset_classes=num_dataset_classes,
             auxiliary=sp.AUXILIARY,
             max_examples=sp.MAX_EXAMPLES_PER_IMAGE,
             example_supervision=sp.EXAMPLE_SUPERVISION,
@@ -271,8 +278,8 @@ class SegPromptMaskFormer(OpenSegMaskFormer):
         return {"mask_features": mask_features, "multi_scale_features": multi_scale_features}
 
     def prepare_targets(self, batched_inputs: List[Dict], images: ImageList) -> List[Dict]:
-        """Class-agnostic targets plus ``known_rows`` [N]: each instance's prompt-cache row
-        (-1 for a class outside the known classes). With an auxiliary branch, known instances
+        """Class-agnostic targets plus ``known_rows`` [N]: each instance's class id if the class
+        is known, else -1 (the prompt-cache row). With an auxiliary branch, known instances
         of at most MIN_MASK_AREA pixels are dropped (release `SegPrompt.forward`)."""
         targets = super().prepare_targets(batched_inputs, images)
         for target, x in zip(targets, batched_inputs):
@@ -312,11 +319,14 @@ class SegPromptMaskFormer(OpenSegMaskFormer):
 
     # ------------------------------------------------------------------ helpers
     def known_rows(self, classes: Tensor) -> Tensor:
-        """Prompt-cache row of each contiguous class id, -1 for classes that are not known."""
+        """Prompt-cache row (= the class id) of each contiguous class id, -1 for classes that
+        are not known."""
         classes = classes.long()
-        in_range = (classes >= 0) & (classes < self.known_row_of_class.numel())
+        in_range = (classes >= 0) & (classes < self.is_known.numel())
         rows = torch.full_like(classes, -1)
-        rows[in_range] = self.known_row_of_class[classes[in_range]]
+        known = in_range.clone()
+        known[in_range] = self.is_known[classes[in_range]]
+        rows[known] = classes[known]
         return rows
 
     def fully_visible(self) -> bool:
@@ -361,9 +371,7 @@ class SegPromptMaskFormer(OpenSegMaskFormer):
         """C_max class groups of K queries ``p_c + r_k + s_c`` arranged for the Table 7
         attention variant. Returns the groups and (rows [B, C], positive [B, C])."""
         present = [t["known_rows"][t["known_rows"] >= 0] for t in targets]
-        rows, positive = select_prompt_classes(
-            present, self.prompt_cache.num_classes, self.max_prompt_classes
-        )
+        rows, positive = select_prompt_classes(present, self.known_classes, self.max_prompt_classes)
         rows = rows.to(mask_features.device)
         decoder = self.transformer_decoder
         content, pos = self.query_builder(
@@ -479,9 +487,11 @@ class SegPromptMaskFormer(OpenSegMaskFormer):
     def vanilla_losses(self, outputs: Dict, targets: List[Dict]) -> Dict[str, Tensor]:
         """Class-aware Mask2Former losses of the parallel branch over the known classes (Table
         5 "Vanilla M2F"): its own class head on the shared decoder, its own matching."""
+        index_of_class = torch.full_like(self.is_known, -1, dtype=torch.int64)
+        index_of_class[self.is_known] = torch.arange(len(self.known_classes), device=self.is_known.device)
         known_targets = [
             {
-                "labels": t["known_rows"][t["known_rows"] >= 0],
+                "labels": index_of_class[t["known_rows"][t["known_rows"] >= 0]],
                 "masks": t["masks"][t["known_rows"] >= 0],
             }
             for t in targets

@@ -19,7 +19,7 @@ class PromptCache(nn.Module):
     def __init__(self, num_classes: int, dim: int, momentum: float = 0.9):
         """
         Args:
-            num_classes: number of known classes (rows of the cache).
+            num_classes: rows of the cache (one per class id; unused rows stay zero).
             dim: prompt dimension (the decoder's hidden dimension).
             momentum: weight m of the old prompt in the update, in [0, 1).
         """

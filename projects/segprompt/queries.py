@@ -26,8 +26,8 @@ def select_examples(rows: Tensor, max_examples: int, rng: Optional[random.Random
     """Ground-truth indices to extract prompts from (see the module docstring).
 
     Args:
-        rows: [M] known-class row of each ground truth, -1 for instances that do not take
-            part (unknown class or too small).
+        rows: [M] class id of each ground truth, -1 for instances that do not take part
+            (class not known, or too small).
         max_examples: example slots per image.
         rng: source of randomness (default: Python's global `random`, like the release).
     Returns:
@@ -51,31 +51,31 @@ def select_examples(rows: Tensor, max_examples: int, rng: Optional[random.Random
 
 
 def select_prompt_classes(
-    present: List[Tensor], num_known: int, max_classes: int, rng: Optional[random.Random] = None
+    present: List[Tensor], known: List[int], max_classes: int, rng: Optional[random.Random] = None
 ) -> Tuple[Tensor, Tensor]:
     """Known classes of each image's class groups: positives first, negatives uniformly.
 
     Args:
-        present: per image, the cache rows of its (eligible) ground truth.
-        num_known: number of known classes (cache rows).
-        max_classes: C_max, groups per image (at most num_known).
+        present: per image, the class ids of its (eligible) known ground truth.
+        known: ids of the known classes (the pool of negatives).
+        max_classes: C_max, groups per image (at most len(known)).
     Returns:
-        rows [B, C_max] int64 and positive [B, C_max] bool (the class is in the image).
+        class ids [B, C_max] int64 and positive [B, C_max] bool (the class is in the image).
     """
-    if not 0 < max_classes <= num_known:
+    if not 0 < max_classes <= len(known):
         raise ValueError(
-            f"C_max={max_classes} must be in [1, {num_known}] (number of known classes); "
+            f"C_max={max_classes} must be in [1, {len(known)}] (number of known classes); "
             "check cfg.MODEL.SEGPROMPT.MAX_PROMPT_CLASSES."
         )
     rng = rng or random
-    all_rows, all_positive = [], []
-    for rows in present:
-        positives = torch.unique(rows.cpu())[:max_classes]
-        absent = sorted(set(range(num_known)) - set(positives.tolist()))
+    all_ids, all_positive = [], []
+    for ids in present:
+        positives = torch.unique(ids.cpu())[:max_classes]
+        absent = sorted(set(known) - set(positives.tolist()))
         negatives = sorted(rng.sample(absent, max_classes - positives.numel()))
-        all_rows.append(torch.cat([positives, torch.tensor(negatives, dtype=torch.int64)]))
+        all_ids.append(torch.cat([positives, torch.tensor(negatives, dtype=torch.int64)]))
         all_positive.append(torch.arange(max_classes) < positives.numel())
-    return torch.stack(all_rows), torch.stack(all_positive)
+    return torch.stack(all_ids), torch.stack(all_positive)
 
 
 class PromptQueryBuilder(nn.Module):
@@ -148,7 +148,7 @@ class PromptQueryBuilder(nn.Module):
         baseline_pos: Tensor,
         rank_indices: Optional[Tensor] = None,
     ) -> Tuple[Tensor, Tensor]:
-        """rows [B, C] cache rows, prompts [num_known, D], baseline_content / baseline_pos
+        """rows [B, C] class ids, prompts [num_classes, D], baseline_content / baseline_pos
         [Q, D] (the baseline's query_feat / query_embed weights) -> content, pos [B, C, K, D].
 
         rank_indices [C, K]: the baseline queries used as r_k (drawn when not given)."""
