@@ -14,7 +14,11 @@ the tensor scale:
 * the prompt-based branch (Eq. 6 initialisation, RefAttn) at every level;
 * the example branch (example masked attention, self-attention among examples, padding
   slots) at every level, and the final example states;
-* the prompt cache after the update (momentum, first update of unset rows).
+* the prompt cache after the update (momentum, first update of unset rows);
+* every weighted loss term (final and each deep-supervision level) of the example
+  supervision, the prompt-based branch (intra-class matching, only-matched positives, no
+  mask loss for unmatched queries) and the baseline, each criterion started from the seed
+  the release's ran from, so both sample the same points.
 """
 from pathlib import Path
 
@@ -87,6 +91,7 @@ def model_for(settings):
             "MODEL.MASK_FORMER.DEC_LAYERS", str(s["dec_layers"]),
             "MODEL.MASK_FORMER.NUM_OBJECT_QUERIES", str(s["num_queries"]),
             "MODEL.MASK_FORMER.CLASS_AGNOSTIC", "True",
+            "MODEL.MASK_FORMER.TRAIN_NUM_POINTS", str(s["num_points"]),
             "MODEL.SEGPROMPT.MAX_EXAMPLES_PER_IMAGE", str(s["max_examples"]),
             "MODEL.SEGPROMPT.MAX_PROMPT_CLASSES", str(s["max_prompt_classes"]),
             "MODEL.SEGPROMPT.QUERIES_PER_CLASS", str(s["queries_per_class"]),
@@ -100,7 +105,8 @@ def model_for(settings):
 
 @pytest.fixture(scope="module")
 def decoded(reference, lvis_like_metadata):
-    """openseg's three-branch decoder forward on the fixture's inputs, then the cache update."""
+    """openseg's three-branch decoder forward on the fixture's inputs, then every branch's
+    losses (the example losses also update the cache), each from the release's seed."""
     model = model_for(reference["settings"])
     converted = release_to_openseg(reference["state_dict"])
     own = model.state_dict()
@@ -125,13 +131,21 @@ def decoded(reference, lvis_like_metadata):
     try:
         with torch.no_grad():
             example_group, selected = model.example_group(targets, inputs["mask_features"])
-            prompt_groups, _ = model.prompt_groups(targets, inputs["mask_features"])
+            prompt_groups, plan = model.prompt_groups(targets, inputs["mask_features"])
             out = model.transformer_decoder(
                 inputs["features"], inputs["mask_features"], extra_groups=[example_group] + prompt_groups
             )
-            model.example_losses(out["extra"][0], targets, selected)
+            seeds = reference["loss_seeds"]
+            torch.manual_seed(seeds["example"])
+            losses = {"example": model.example_losses(out["extra"][0], targets, selected)}
+            torch.manual_seed(seeds["prompt"])
+            prompt_outputs = concat_query_outputs(out["extra"][1:])
+            losses["prompt"] = model.prompt_losses(prompt_outputs, targets, plan)
+            torch.manual_seed(seeds["baseline"])
+            losses["baseline"] = model.criterion.weighted(model.criterion(out, targets))
     finally:
         patch.undo()
+    model.fixture_losses = losses
     return model, out
 
 
@@ -178,3 +192,23 @@ def test_prompt_cache_update_matches(reference, decoded):
     before = reference["state_dict"]["sem_seg_head.predictor.memory_bank.weight"]
     changed = (expected != before[:NUM_LVIS_CLASSES]).any(dim=1).nonzero().flatten().tolist()
     assert changed == [2, 5, 7]  # classes with examples; 2 and 5 were unset
+
+
+def release_name(branch: str, ours: str) -> str:
+    """openseg loss key -> the release's: ``loss_ce_prompt_2`` -> ``loss_ce2_2``,
+    ``loss_mask_example_0`` -> ``loss_mask_0`` (of SetCriterion_Example)."""
+    for suffix, replacement in (("_prompt", "2"), ("_example", "")):
+        if suffix in ours:
+            name, _, level = ours.partition(suffix)
+            return name + replacement + level
+    return ours
+
+
+@pytest.mark.parametrize("branch", ["example", "prompt", "baseline"])
+def test_every_loss_term_matches(reference, decoded, branch):
+    model, _ = decoded
+    ours = model.fixture_losses[branch]
+    theirs = reference["losses"][branch]
+    assert sorted(release_name(branch, k) for k in ours) == sorted(theirs)
+    for key, value in ours.items():
+        assert_close(value, theirs[release_name(branch, key)], f"{branch} {key}")

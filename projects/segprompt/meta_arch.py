@@ -442,21 +442,24 @@ class SegPromptMaskFormer(OpenSegMaskFormer):
         self, outputs: Dict, targets: List[Dict], rows: Tensor, positive: Tensor
     ) -> Indices:
         """Intra-class Hungarian matching (Sec. 3.4): the K queries of a present class's group
-        against the ground truth of that class; negative groups stay unmatched."""
+        against the ground truth of that class; negative groups stay unmatched. As in the
+        release (`HungarianMatcherClasswise`), one set of cost points is drawn per image for
+        all its prompt queries and ground truth."""
         per_class = self.queries_per_class
+        matcher = self.criterion.matcher
         indices = []
         for image, target in enumerate(targets):
+            cost = matcher.cost_matrix(
+                outputs["pred_logits"][image],
+                outputs["pred_masks"][image],
+                torch.zeros_like(target["labels"]),
+                target["masks"],
+            )
             query_parts, target_parts = [], []
             for slot in torch.nonzero(positive[image]).flatten().tolist():
                 gt = torch.nonzero(target["known_rows"] == rows[image, slot]).flatten()
                 queries = slice(slot * per_class, (slot + 1) * per_class)
-                cost = self.criterion.matcher.cost_matrix(
-                    outputs["pred_logits"][image, queries],
-                    outputs["pred_masks"][image, queries],
-                    torch.zeros_like(gt),
-                    target["masks"][gt],
-                )
-                query_idx, target_idx = one_to_one_assignment(cost)
+                query_idx, target_idx = one_to_one_assignment(cost[queries][:, gt])
                 query_parts.append(query_idx + slot * per_class)
                 target_parts.append(gt.cpu()[target_idx])
             if query_parts:

@@ -10,11 +10,18 @@ moved off their initialisation, non-square levels and masks, and a prompt cache 
 some rows are set and some still zero. Its package `__init__` files (which import every
 dataset and model of the release) are bypassed; `torchshow` is stubbed.
 
+The release's three criteria are then run on the decoder outputs, each from its own torch
+seed (so both sides sample the same points): `SetCriterion_Example` (example supervision),
+`SetCriterion_Open` with `HungarianMatcherClasswise` (prompt branch, `QUERY_REPEAT_ONLY_MATCH`,
+`BINARY_CLASSIFICATION`) and the baseline `SetCriterion`, with the release's weights
+(class 2, mask 5, dice 5, no-object 0.1, `OPEN_BRANCH_WEIGHT` 1).
+
 Saved (`fixtures.pt`): the decoder state dict (release names, under
 ``sem_seg_head.predictor.``), the inputs (multi-scale features, mask features, candidate
 class ids, example masks and labels), the baseline queries the release drew as r_k
 (`torch.randint`, recorded), every level's outputs of the three branches, the final example
-query states and the prompt cache after the update.
+query states, the prompt cache after the update, and every weighted loss term of the three
+criteria with their seeds.
 """
 import sys
 import types
@@ -35,6 +42,9 @@ DEC_LAYERS = 4  # transformer layers (the release's DEC_LAYERS - 1)
 LEVEL_SIZES = [(3, 5), (6, 10), (12, 20)]  # lowest resolution first
 MASK_SIZE = (24, 40)  # mask features; ground-truth masks at 4x (the padded image)
 PAD_ID = 1203
+NUM_POINTS = 200
+LOSS_SEEDS = {"example": 101, "prompt": 202, "baseline": 303}
+WEIGHTS = {"loss_ce": 2.0, "loss_mask": 5.0, "loss_dice": 5.0}
 
 
 def _import_release_decoder(reference: Path):
@@ -43,6 +53,7 @@ def _import_release_decoder(reference: Path):
     for name, folder in (
         ("mask2former", root),
         ("mask2former.data", root / "data"),
+        ("mask2former.utils", root / "utils"),
         ("mask2former.modeling", root / "modeling"),
         ("mask2former.modeling.transformer_decoder", root / "modeling" / "transformer_decoder"),
     ):
@@ -147,6 +158,60 @@ def _accepted_draws(draws: List[torch.Tensor], groups: int) -> torch.Tensor:
     return torch.stack(accepted)
 
 
+def _release_losses(out: Dict, inputs: Dict) -> Dict[str, Dict[str, torch.Tensor]]:
+    """Weighted loss terms of the release's three criteria, each started from its seed."""
+    import importlib
+
+    criterion_module = importlib.import_module("mask2former.modeling.criterion")
+    matcher_module = importlib.import_module("mask2former.modeling.matcher")
+    costs = dict(cost_class=2.0, cost_mask=5.0, cost_dice=5.0, num_points=NUM_POINTS)
+    common = dict(
+        eos_coef=0.1,
+        losses=["labels", "masks"],
+        num_points=NUM_POINTS,
+        oversample_ratio=3.0,
+        importance_sample_ratio=0.75,
+    )
+    aux = {f"{k}_{i}": v for i in range(DEC_LAYERS) for k, v in WEIGHTS.items()}
+    weights = {**WEIGHTS, **aux}
+    weights2 = {k.replace("loss_ce", "loss_ce2").replace("loss_mask", "loss_mask2").replace("loss_dice", "loss_dice2"): v
+                for k, v in weights.items()}
+    baseline = criterion_module.SetCriterion(
+        1, matcher=matcher_module.HungarianMatcher(**costs), weight_dict=weights, **common
+    )
+    prompt = criterion_module.SetCriterion_Open(
+        1,
+        matcher=matcher_module.HungarianMatcherClasswise(**costs),
+        weight_dict=weights2,
+        query_repeat=K,
+        only_match=True,
+        binary_class=True,
+        **common,
+    )
+    example = criterion_module.SetCriterion_Example(
+        1, matcher=matcher_module.HungarianMatcher(**costs), weight_dict=weights, **common
+    )
+    binary = [{"labels": torch.zeros_like(l), "masks": m} for l, m in zip(inputs["gt_labels"], inputs["gt_masks"])]
+    with_classes = [{"labels": l, "masks": m} for l, m in zip(inputs["gt_labels"], inputs["gt_masks"])]
+    results = {}
+    torch.manual_seed(LOSS_SEEDS["example"])
+    example_out = {
+        "pred_logits": out["example_class"],
+        "pred_masks": out["example_mask"],
+        "aux_outputs": out["aux_outputs_example"],
+    }
+    results["example"] = {k: v * weights[k] for k, v in example(example_out, binary).items()}
+    # candidate labels: 0 positive, 1 negative; mask loss for the positive classes
+    candidate_labels = (~inputs["positive"]).float().repeat_interleave(K, dim=1)
+    mask_loss_masks = inputs["positive"].repeat_interleave(K, dim=1)
+    torch.manual_seed(LOSS_SEEDS["prompt"])
+    losses2 = prompt(out, with_classes, inputs["candidate_ids"], candidate_labels, mask_loss_masks)
+    results["prompt"] = {k: v * weights2[k] for k, v in losses2.items()}
+    torch.manual_seed(LOSS_SEEDS["baseline"])
+    results["baseline"] = {k: v * weights[k] for k, v in baseline(out, binary).items()}
+    return results
+
+
 def generate(reference_root: Path, out_dir: Path) -> None:
     reference = add_reference_to_path(Path(reference_root), "aim-uofa__SegPrompt")
     module = _import_release_decoder(reference)
@@ -181,6 +246,8 @@ def generate(reference_root: Path, out_dir: Path) -> None:
     finally:
         torch.randint = original_randint
     rank_indices = _accepted_draws(draws, NUM_CANDIDATE_CLASSES)
+    with torch.no_grad():
+        losses = _release_losses(out, inputs)
 
     def levels(logits, masks):
         return [{"pred_logits": a, "pred_masks": b} for a, b in zip(logits, masks)]
@@ -201,6 +268,8 @@ def generate(reference_root: Path, out_dir: Path) -> None:
             "example": examples,
             "example_states": out["output"][-MAX_EXAMPLES:].transpose(0, 1).clone(),
             "bank_after": decoder.memory_bank.weight.detach().clone(),
+            "losses": losses,
+            "loss_seeds": LOSS_SEEDS,
             "settings": {
                 "hidden": HIDDEN,
                 "num_queries": NUM_QUERIES,
@@ -210,6 +279,7 @@ def generate(reference_root: Path, out_dir: Path) -> None:
                 "dec_layers": DEC_LAYERS + 1,
                 "dim_feedforward": 48,
                 "nheads": 4,
+                "num_points": NUM_POINTS,
             },
         },
         out_dir / "fixtures.pt",
