@@ -39,21 +39,36 @@ def schedule_opts(iters: int, batch: int, seed: int) -> List[str]:
     Mask2Former's 327778 / 355092 of 368750."""
     steps = (max(1, round(iters * 327778 / 368750)), max(2, round(iters * 355092 / 368750)))
     return [
-        "SOLVER.MAX_ITER", str(iters),
-        "SOLVER.STEPS", str(steps),
-        "SOLVER.IMS_PER_BATCH", str(batch),
-        "SOLVER.CHECKPOINT_PERIOD", str(10 * iters),
-        "SOLVER.WARMUP_ITERS", str(min(20, iters // 10)),
-        "DATALOADER.NUM_WORKERS", "1",
-        "TEST.EVAL_PERIOD", "0",
-        "SEED", str(seed),
+        "SOLVER.MAX_ITER",
+        str(iters),
+        "SOLVER.STEPS",
+        str(steps),
+        "SOLVER.IMS_PER_BATCH",
+        str(batch),
+        "SOLVER.CHECKPOINT_PERIOD",
+        str(10 * iters),
+        "SOLVER.WARMUP_ITERS",
+        str(min(20, iters // 10)),
+        "DATALOADER.NUM_WORKERS",
+        "1",
+        "TEST.EVAL_PERIOD",
+        "0",
+        "SEED",
+        str(seed),
     ]
 
 
 def train_and_evaluate(config: str, opts: List[str], output_dir: Path) -> Dict[str, float]:
     """Run tools/train_net.py; parse the evaluator's copypaste lines (names, then values)."""
-    command = [sys.executable, str(ROOT / "tools" / "train_net.py"), "--config-file",
-               str(ROOT / config), *opts, "OUTPUT_DIR", str(output_dir)]
+    command = [
+        sys.executable,
+        str(ROOT / "tools" / "train_net.py"),
+        "--config-file",
+        str(ROOT / config),
+        *opts,
+        "OUTPUT_DIR",
+        str(output_dir),
+    ]
     log = output_dir.with_suffix(".log")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     start = time.time()
@@ -89,7 +104,9 @@ def main() -> None:
     print("| model | " + " | ".join(keys) + " |")
     print("|---|" + "---:|" * len(keys))
     for name, metrics in results.items():
-        print(f"| {name} | " + " | ".join(f"{metrics.get(k, float('nan')):.1f}" for k in keys) + " |")
+        print(
+            f"| {name} | " + " | ".join(f"{metrics.get(k, float('nan')):.1f}" for k in keys) + " |"
+        )
     unseen = {name: metrics["AR_unseen"] for name, metrics in results.items()}
     best_baseline = max(unseen["class-aware M2F"], unseen["class-agnostic M2F"])
     print(f"\nSegPrompt AR_unseen - best baseline: {unseen['SegPrompt'] - best_baseline:+.1f}")

@@ -20,6 +20,7 @@ the tensor scale:
   mask loss for unmatched queries) and the baseline, each criterion started from the seed
   the release's ran from, so both sample the same points.
 """
+
 from pathlib import Path
 
 import pytest
@@ -73,31 +74,56 @@ def model_for(settings):
     s = settings
     cfg = load_config(
         opts=[
-            "MODEL.DEVICE", "cpu",
-            "MODEL.META_ARCHITECTURE", "SegPromptMaskFormer",
-            "MODEL.BACKBONE.NAME", "build_resnet_backbone",
-            "MODEL.RESNETS.OUT_FEATURES", "['res2', 'res3', 'res4', 'res5']",
-            "MODEL.SEM_SEG_HEAD.IN_FEATURES", "['res2', 'res3', 'res4', 'res5']",
-            "MODEL.RESNETS.DEPTH", "18",
-            "MODEL.RESNETS.RES2_OUT_CHANNELS", "64",
-            "MODEL.RESNETS.NORM", "BN",
-            "MODEL.SEM_SEG_HEAD.CONVS_DIM", str(s["hidden"]),
-            "MODEL.SEM_SEG_HEAD.MASK_DIM", str(s["hidden"]),
-            "MODEL.SEM_SEG_HEAD.TRANSFORMER_ENC_LAYERS", "1",
-            "MODEL.SEM_SEG_HEAD.DEFORMABLE_TRANSFORMER_ENCODER_N_HEADS", "4",
-            "MODEL.MASK_FORMER.HIDDEN_DIM", str(s["hidden"]),
-            "MODEL.MASK_FORMER.NHEADS", str(s["nheads"]),
-            "MODEL.MASK_FORMER.DIM_FEEDFORWARD", str(s["dim_feedforward"]),
-            "MODEL.MASK_FORMER.DEC_LAYERS", str(s["dec_layers"]),
-            "MODEL.MASK_FORMER.NUM_OBJECT_QUERIES", str(s["num_queries"]),
-            "MODEL.MASK_FORMER.CLASS_AGNOSTIC", "True",
-            "MODEL.MASK_FORMER.TRAIN_NUM_POINTS", str(s["num_points"]),
-            "MODEL.SEGPROMPT.MAX_EXAMPLES_PER_IMAGE", str(s["max_examples"]),
-            "MODEL.SEGPROMPT.MAX_PROMPT_CLASSES", str(s["max_prompt_classes"]),
-            "MODEL.SEGPROMPT.QUERIES_PER_CLASS", str(s["queries_per_class"]),
-            "MODEL.SEGPROMPT.MIN_MASK_AREA", "0",
-            "DATASETS.TRAIN", f"('{DATASET}',)",
-            "DATASETS.TEST", f"('{DATASET}',)",
+            "MODEL.DEVICE",
+            "cpu",
+            "MODEL.META_ARCHITECTURE",
+            "SegPromptMaskFormer",
+            "MODEL.BACKBONE.NAME",
+            "build_resnet_backbone",
+            "MODEL.RESNETS.OUT_FEATURES",
+            "['res2', 'res3', 'res4', 'res5']",
+            "MODEL.SEM_SEG_HEAD.IN_FEATURES",
+            "['res2', 'res3', 'res4', 'res5']",
+            "MODEL.RESNETS.DEPTH",
+            "18",
+            "MODEL.RESNETS.RES2_OUT_CHANNELS",
+            "64",
+            "MODEL.RESNETS.NORM",
+            "BN",
+            "MODEL.SEM_SEG_HEAD.CONVS_DIM",
+            str(s["hidden"]),
+            "MODEL.SEM_SEG_HEAD.MASK_DIM",
+            str(s["hidden"]),
+            "MODEL.SEM_SEG_HEAD.TRANSFORMER_ENC_LAYERS",
+            "1",
+            "MODEL.SEM_SEG_HEAD.DEFORMABLE_TRANSFORMER_ENCODER_N_HEADS",
+            "4",
+            "MODEL.MASK_FORMER.HIDDEN_DIM",
+            str(s["hidden"]),
+            "MODEL.MASK_FORMER.NHEADS",
+            str(s["nheads"]),
+            "MODEL.MASK_FORMER.DIM_FEEDFORWARD",
+            str(s["dim_feedforward"]),
+            "MODEL.MASK_FORMER.DEC_LAYERS",
+            str(s["dec_layers"]),
+            "MODEL.MASK_FORMER.NUM_OBJECT_QUERIES",
+            str(s["num_queries"]),
+            "MODEL.MASK_FORMER.CLASS_AGNOSTIC",
+            "True",
+            "MODEL.MASK_FORMER.TRAIN_NUM_POINTS",
+            str(s["num_points"]),
+            "MODEL.SEGPROMPT.MAX_EXAMPLES_PER_IMAGE",
+            str(s["max_examples"]),
+            "MODEL.SEGPROMPT.MAX_PROMPT_CLASSES",
+            str(s["max_prompt_classes"]),
+            "MODEL.SEGPROMPT.QUERIES_PER_CLASS",
+            str(s["queries_per_class"]),
+            "MODEL.SEGPROMPT.MIN_MASK_AREA",
+            "0",
+            "DATASETS.TRAIN",
+            f"('{DATASET}',)",
+            "DATASETS.TEST",
+            f"('{DATASET}',)",
         ]
     )
     return build_model(cfg).eval()
@@ -126,14 +152,18 @@ def decoded(reference, lvis_like_metadata):
         "select_prompt_classes",
         lambda present, known, max_classes: (inputs["candidates"], inputs["positive"]),
     )
-    patch.setattr(segprompt_meta_arch, "select_examples", lambda rows, n: torch.arange(len(rows))[:n])
+    patch.setattr(
+        segprompt_meta_arch, "select_examples", lambda rows, n: torch.arange(len(rows))[:n]
+    )
     patch.setattr(model.query_builder, "rank_indices", lambda groups, n: reference["rank_indices"])
     try:
         with torch.no_grad():
             example_group, selected = model.example_group(targets, inputs["mask_features"])
             prompt_groups, plan = model.prompt_groups(targets, inputs["mask_features"])
             out = model.transformer_decoder(
-                inputs["features"], inputs["mask_features"], extra_groups=[example_group] + prompt_groups
+                inputs["features"],
+                inputs["mask_features"],
+                extra_groups=[example_group] + prompt_groups,
             )
             seeds = reference["loss_seeds"]
             torch.manual_seed(seeds["example"])

@@ -199,14 +199,22 @@ def test_default_attention_isolates_classes_and_examples_see_each_other():
         groups = [example_group] + prompt_groups
         reference = model.transformer_decoder(multi_scale, mask_features, extra_groups=groups)
         perturbed = list(groups)
-        perturbed[2] = QueryGroup(groups[2].content + torch.randn_like(groups[2].content), groups[2].pos)
+        perturbed[2] = QueryGroup(
+            groups[2].content + torch.randn_like(groups[2].content), groups[2].pos
+        )
         content = example_group.content.clone()
         content[:, 0] += torch.randn_like(content[:, 0])
-        perturbed[0] = QueryGroup(content, example_group.pos, fixed_masks=example_group.fixed_masks, sees_main=False)
+        perturbed[0] = QueryGroup(
+            content, example_group.pos, fixed_masks=example_group.fixed_masks, sees_main=False
+        )
         changed = model.transformer_decoder(multi_scale, mask_features, extra_groups=perturbed)
     for index in (1, 3):  # the other class groups are untouched
-        assert torch.equal(reference["extra"][index]["pred_embeds"], changed["extra"][index]["pred_embeds"])
-    assert not torch.allclose(reference["extra"][2]["pred_embeds"], changed["extra"][2]["pred_embeds"])
+        assert torch.equal(
+            reference["extra"][index]["pred_embeds"], changed["extra"][index]["pred_embeds"]
+        )
+    assert not torch.allclose(
+        reference["extra"][2]["pred_embeds"], changed["extra"][2]["pred_embeds"]
+    )
     # example slot 1 reads example slot 0 through self-attention
     assert not torch.allclose(
         reference["extra"][0]["pred_embeds"][:, 1], changed["extra"][0]["pred_embeds"][:, 1]
@@ -275,12 +283,18 @@ def test_eq6_query_initialisation_by_hand():
     prompts = torch.randn(5, 32)
     rows = torch.tensor([[2, 0, 3]])
     ranks = torch.tensor([[5, 1], [0, 3], [2, 4]])
-    content, pos = builder(rows, prompts, decoder.query_feat.weight, decoder.query_embed.weight, ranks)
+    content, pos = builder(
+        rows, prompts, decoder.query_feat.weight, decoder.query_embed.weight, ranks
+    )
     for slot, row in enumerate(rows[0].tolist()):
         for k in range(2):
             index = ranks[slot, k]
-            expected_content = prompts[row] + builder.class_content.weight[row] + decoder.query_feat.weight[index]
-            expected_pos = prompts[row] + builder.class_pos.weight[row] + decoder.query_embed.weight[index]
+            expected_content = (
+                prompts[row] + builder.class_content.weight[row] + decoder.query_feat.weight[index]
+            )
+            expected_pos = (
+                prompts[row] + builder.class_pos.weight[row] + decoder.query_embed.weight[index]
+            )
             assert torch.allclose(content[0, slot, k], expected_content)
             assert torch.allclose(pos[0, slot, k], expected_pos)
     drawn = builder.rank_indices(4, decoder.num_queries)
@@ -297,12 +311,18 @@ def test_example_selection_follows_release():
     # fewer instances than slots: all of them in annotation order, never the -1 instance
     assert select_examples(rows, 10).tolist() == [0, 1, 2, 4, 5]
     selected, positive = select_prompt_classes(
-        [torch.tensor([2, 2, 0]), torch.tensor([], dtype=torch.long)], [0, 2, 5, 7], 3, random.Random(0)
+        [torch.tensor([2, 2, 0]), torch.tensor([], dtype=torch.long)],
+        [0, 2, 5, 7],
+        3,
+        random.Random(0),
     )
     assert positive.tolist() == [[True, True, False], [False, False, False]]
     assert selected[0, :2].tolist() == [0, 2] and selected[0, 2].item() in (5, 7)
     assert set(selected[1].tolist()) <= {0, 2, 5, 7}
-    assert selected[1].tolist() == sorted(set(selected[1].tolist())) and len(set(selected[1].tolist())) == 3
+    assert (
+        selected[1].tolist() == sorted(set(selected[1].tolist()))
+        and len(set(selected[1].tolist())) == 3
+    )
     with pytest.raises(ValueError, match="C_max"):
         select_prompt_classes([torch.tensor([0])], [0, 2], 3)
 
@@ -315,23 +335,34 @@ def test_intra_class_matching_leaves_unmatched_queries_without_mask():
     masks = torch.zeros(4, 16, 16, dtype=torch.bool)
     for i in range(4):
         masks[i, 3 * i : 3 * i + 5, 2 * i : 2 * i + 6] = True
-    targets = [{"labels": torch.zeros(4, dtype=torch.long), "masks": masks, "known_rows": torch.tensor([0, 0, 0, 2])}]
+    targets = [
+        {
+            "labels": torch.zeros(4, dtype=torch.long),
+            "masks": masks,
+            "known_rows": torch.tensor([0, 0, 0, 2]),
+        }
+    ]
     outputs = {"pred_logits": torch.randn(1, 6, 2), "pred_masks": torch.randn(1, 6, 16, 16)}
     rows, positive = torch.tensor([[0, 2, 3]]), torch.tensor([[True, True, False]])
     torch.manual_seed(1)
-    (queries, gts), = model.match_prompts(outputs, targets, rows, positive)
+    ((queries, gts),) = model.match_prompts(outputs, targets, rows, positive)
     assert len(queries) == 3 and set(queries.tolist()) <= {0, 1, 2, 3}
     for q, g in zip(queries.tolist(), gts.tolist()):
         assert targets[0]["known_rows"][g].item() == rows[0, q // 2].item()
     torch.manual_seed(1)  # same matcher point samples as inside match_prompts
     cost = model.criterion.matcher.cost_matrix(
-        outputs["pred_logits"][0, 0:2], outputs["pred_masks"][0, 0:2], torch.zeros(3, dtype=torch.long), masks[:3]
+        outputs["pred_logits"][0, 0:2],
+        outputs["pred_masks"][0, 0:2],
+        torch.zeros(3, dtype=torch.long),
+        masks[:3],
     )
     best = min(itertools.permutations(range(3), 2), key=lambda p: cost[0, p[0]] + cost[1, p[1]])
     class0 = sorted((q, g) for q, g in zip(queries.tolist(), gts.tolist()) if q < 2)
     assert class0 == [(0, best[0]), (1, best[1])]
     # the classification target of every other prompt query is "no object", no mask loss
-    losses = model.criterion.compute(outputs, targets, 4.0, indices=[(queries, gts)], suffix="_prompt")
+    losses = model.criterion.compute(
+        outputs, targets, 4.0, indices=[(queries, gts)], suffix="_prompt"
+    )
     target = torch.full((6,), 1)
     target[queries] = 0
     expected_ce = torch.nn.functional.cross_entropy(
@@ -393,10 +424,19 @@ def test_training_step_updates_prompts_and_trains_prompt_embeddings():
     assert set(losses) == expected
     assert all(torch.isfinite(v) for v in losses.values())
     # the batch holds examples of the known classes 0, 2, 3; rows are class ids
-    assert (model.prompt_cache.prompts.abs().sum(dim=1) > 0).tolist() == [True, False, True, True, False]
+    assert (model.prompt_cache.prompts.abs().sum(dim=1) > 0).tolist() == [
+        True,
+        False,
+        True,
+        True,
+        False,
+    ]
     model.zero_grad()
     sum(model(synthetic_batch()).values()).backward()
-    for parameter in (model.query_builder.class_content.weight, model.transformer_decoder.query_feat.weight):
+    for parameter in (
+        model.query_builder.class_content.weight,
+        model.transformer_decoder.query_feat.weight,
+    ):
         assert parameter.grad is not None and parameter.grad.abs().sum() > 0
 
 
@@ -428,7 +468,10 @@ def test_vanilla_m2f_is_a_parallel_branch_with_its_own_class_head_only():
     # gradient from the vanilla losses alone
     model.zero_grad()
     sum(v for k, v in model(synthetic_batch()).items() if "vanilla" in k).backward()
-    assert model.transformer_decoder.class_predictor.weight.grad is None or not model.transformer_decoder.class_predictor.weight.grad.any()
+    assert (
+        model.transformer_decoder.class_predictor.weight.grad is None
+        or not model.transformer_decoder.class_predictor.weight.grad.any()
+    )
 
 
 @pytest.mark.parametrize(
@@ -513,11 +556,16 @@ def test_release_checkpoint_loads(tmp_path):
     model = build_model(tiny_cfg())
     model.prompt_cache.prompts.normal_()
     ours = {k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
-    prompt_keys = {"prompt_cache.prompts": "memory_bank", "query_builder.class_content.weight": "id2feat",
-                   "query_builder.class_pos.weight": "id2pe"}
+    prompt_keys = {
+        "prompt_cache.prompts": "memory_bank",
+        "query_builder.class_content.weight": "id2feat",
+        "query_builder.class_pos.weight": "id2pe",
+    }
     released = openseg_to_reference({k: v for k, v in ours.items() if k not in prompt_keys})
     for key, name in prompt_keys.items():
-        released[f"sem_seg_head.predictor.{name}.weight"] = torch.cat([ours[key], torch.randn(1, 32)])
+        released[f"sem_seg_head.predictor.{name}.weight"] = torch.cat(
+            [ours[key], torch.randn(1, 32)]
+        )
     head = "sem_seg_head.predictor.class_embed."
     for suffix in ("weight", "bias"):
         full = torch.randn(81, *released[head + suffix].shape[1:])
@@ -533,4 +581,7 @@ def test_release_checkpoint_loads(tmp_path):
     fresh = build_model(tiny_cfg())
     OpenSegCheckpointer(fresh).load(str(path))
     assert torch.equal(fresh.prompt_cache.prompts, model.prompt_cache.prompts)
-    assert torch.equal(fresh.transformer_decoder.class_predictor.weight, model.transformer_decoder.class_predictor.weight)
+    assert torch.equal(
+        fresh.transformer_decoder.class_predictor.weight,
+        model.transformer_decoder.class_predictor.weight,
+    )

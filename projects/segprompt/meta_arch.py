@@ -70,7 +70,10 @@ def concat_query_outputs(outputs: Sequence[Dict]) -> Dict:
     (final prediction and every ``aux_outputs`` level)."""
     merged = {key: torch.cat([o[key] for o in outputs], dim=1) for key in OUTPUT_KEYS}
     merged["aux_outputs"] = [
-        {key: torch.cat([o["aux_outputs"][level][key] for o in outputs], dim=1) for key in OUTPUT_KEYS}
+        {
+            key: torch.cat([o["aux_outputs"][level][key] for o in outputs], dim=1)
+            for key in OUTPUT_KEYS
+        }
         for level in range(len(outputs[0]["aux_outputs"]))
     ]
     return merged
@@ -491,7 +494,9 @@ class SegPromptMaskFormer(OpenSegMaskFormer):
         """Class-aware Mask2Former losses of the parallel branch over the known classes (Table
         5 "Vanilla M2F"): its own class head on the shared decoder, its own matching."""
         index_of_class = torch.full_like(self.is_known, -1, dtype=torch.int64)
-        index_of_class[self.is_known] = torch.arange(len(self.known_classes), device=self.is_known.device)
+        index_of_class[self.is_known] = torch.arange(
+            len(self.known_classes), device=self.is_known.device
+        )
         known_targets = [
             {
                 "labels": index_of_class[t["known_rows"][t["known_rows"] >= 0]],

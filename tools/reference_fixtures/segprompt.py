@@ -23,6 +23,7 @@ class ids, example masks and labels), the baseline queries the release drew as r
 query states, the prompt cache after the update, and every weighted loss term of the three
 criteria with their seeds.
 """
+
 import sys
 import types
 from pathlib import Path
@@ -63,7 +64,9 @@ def _import_release_decoder(reference: Path):
     sys.modules.setdefault("torchshow", types.ModuleType("torchshow"))
     import importlib
 
-    return importlib.import_module("mask2former.modeling.transformer_decoder.segprompt_transformer_decoder")
+    return importlib.import_module(
+        "mask2former.modeling.transformer_decoder.segprompt_transformer_decoder"
+    )
 
 
 def _build(module, save_dir: str):
@@ -117,7 +120,10 @@ def _inputs(generator) -> Dict:
     image_size = (MASK_SIZE[0] * 4, MASK_SIZE[1] * 4)
     # ground truth: image 0 has classes 2, 7 (3 instances), image 1 class 5 (1 instance)
     gt = [
-        {"labels": torch.tensor([7, 2, 7]), "boxes": [(4, 10, 40, 50), (30, 60, 90, 150), (50, 5, 95, 40)]},
+        {
+            "labels": torch.tensor([7, 2, 7]),
+            "boxes": [(4, 10, 40, 50), (30, 60, 90, 150), (50, 5, 95, 40)],
+        },
         {"labels": torch.tensor([5]), "boxes": [(10, 20, 70, 110)]},
     ]
     masks = []
@@ -174,8 +180,12 @@ def _release_losses(out: Dict, inputs: Dict) -> Dict[str, Dict[str, torch.Tensor
     )
     aux = {f"{k}_{i}": v for i in range(DEC_LAYERS) for k, v in WEIGHTS.items()}
     weights = {**WEIGHTS, **aux}
-    weights2 = {k.replace("loss_ce", "loss_ce2").replace("loss_mask", "loss_mask2").replace("loss_dice", "loss_dice2"): v
-                for k, v in weights.items()}
+    weights2 = {
+        k.replace("loss_ce", "loss_ce2")
+        .replace("loss_mask", "loss_mask2")
+        .replace("loss_dice", "loss_dice2"): v
+        for k, v in weights.items()
+    }
     baseline = criterion_module.SetCriterion(
         1, matcher=matcher_module.HungarianMatcher(**costs), weight_dict=weights, **common
     )
@@ -191,8 +201,13 @@ def _release_losses(out: Dict, inputs: Dict) -> Dict[str, Dict[str, torch.Tensor
     example = criterion_module.SetCriterion_Example(
         1, matcher=matcher_module.HungarianMatcher(**costs), weight_dict=weights, **common
     )
-    binary = [{"labels": torch.zeros_like(l), "masks": m} for l, m in zip(inputs["gt_labels"], inputs["gt_masks"])]
-    with_classes = [{"labels": l, "masks": m} for l, m in zip(inputs["gt_labels"], inputs["gt_masks"])]
+    binary = [
+        {"labels": torch.zeros_like(l), "masks": m}
+        for l, m in zip(inputs["gt_labels"], inputs["gt_masks"])
+    ]
+    with_classes = [
+        {"labels": l, "masks": m} for l, m in zip(inputs["gt_labels"], inputs["gt_masks"])
+    ]
     results = {}
     torch.manual_seed(LOSS_SEEDS["example"])
     example_out = {
@@ -252,7 +267,9 @@ def generate(reference_root: Path, out_dir: Path) -> None:
     def levels(logits, masks):
         return [{"pred_logits": a, "pred_masks": b} for a, b in zip(logits, masks)]
 
-    main = out["aux_outputs"] + [{"pred_logits": out["pred_logits"], "pred_masks": out["pred_masks"]}]
+    main = out["aux_outputs"] + [
+        {"pred_logits": out["pred_logits"], "pred_masks": out["pred_masks"]}
+    ]
     examples = out["aux_outputs_example"] + [
         {"pred_logits": out["example_class"], "pred_masks": out["example_mask"]}
     ]
