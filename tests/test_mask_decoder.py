@@ -51,7 +51,9 @@ def test_shapes_and_aux_count():
     assert out["pred_embeds"].shape == (BATCH, NUM_QUERIES, HIDDEN)
     assert len(out["aux_outputs"]) == 3  # DEC_LAYERS predictions in total, the last is final
     for aux in out["aux_outputs"]:
-        assert set(aux) == {"pred_logits", "pred_masks", "pred_embeds"}
+        assert set(aux) == {"pred_logits", "pred_masks", "pred_embeds", "pred_queries"}
+        # pred_embeds are the decoder-normed query states
+        torch.testing.assert_close(decoder.decoder_norm(aux["pred_queries"]), aux["pred_embeds"])
         assert aux["pred_masks"].shape == (BATCH, NUM_QUERIES, *MASK_SIZE)
     (extra,) = out["extra"]
     assert extra["pred_logits"].shape == (BATCH, 3, NUM_CLASSES + 1)
@@ -109,6 +111,28 @@ def test_groups_do_not_see_each_other():
         after["extra"][1]["pred_embeds"], before["extra"][1]["pred_embeds"], atol=1e-6, rtol=0
     )
     assert (after["extra"][0]["pred_embeds"] - before["extra"][0]["pred_embeds"]).abs().max() > 1e-3
+
+
+def test_groups_that_see_other_groups_or_are_seen_by_main():
+    """`sees_other_groups` lets a group read the other groups (only it changes when another
+    group changes); `seen_by_main` lets the main queries read the group."""
+    torch.manual_seed(0)
+    decoder = _decoder()
+    features, mask_features = _inputs()
+    group_a, group_b, group_c = _group(3), _group(2, sees_other_groups=True), _group(2)
+    before = decoder(features, mask_features, extra_groups=[group_a, group_b, group_c])
+    perturbed_a = QueryGroup(content=group_a.content + 1.0, pos=group_a.pos)
+    after = decoder(features, mask_features, extra_groups=[perturbed_a, group_b, group_c])
+    assert (after["extra"][1]["pred_embeds"] - before["extra"][1]["pred_embeds"]).abs().max() > 1e-3
+    torch.testing.assert_close(
+        after["extra"][2]["pred_embeds"], before["extra"][2]["pred_embeds"], atol=1e-6, rtol=0
+    )
+    torch.testing.assert_close(after["pred_embeds"], before["pred_embeds"], atol=1e-6, rtol=0)
+    seen = QueryGroup(content=group_a.content, pos=group_a.pos, seen_by_main=True)
+    seen_perturbed = QueryGroup(content=group_a.content + 1.0, pos=group_a.pos, seen_by_main=True)
+    main_before = decoder(features, mask_features, extra_groups=[seen])["pred_embeds"]
+    main_after = decoder(features, mask_features, extra_groups=[seen_perturbed])["pred_embeds"]
+    assert (main_after - main_before).abs().max() > 1e-3
 
 
 def test_fixed_masks_restrict_cross_attention():

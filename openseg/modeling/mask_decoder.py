@@ -12,9 +12,9 @@ queries to the last-but-one layer. `tests/test_reference_mask2former.py` checks 
 outputs and attended pixels against the release's.
 
 Extra query groups (`QueryGroup`) ride along in the same forward: they share every weight,
-may see the main queries, but the main queries never see them, so the main outputs do not
-change when groups are added. SegPrompt's example queries use a group whose cross-attention
-is restricted to a fixed ground-truth mask.
+may see the main queries and (optionally) the other groups; by default the main queries never
+see them, so the main outputs do not change when groups are added. SegPrompt's example queries
+use a group whose cross-attention is restricted to a fixed ground-truth mask.
 """
 
 from dataclasses import dataclass
@@ -54,14 +54,22 @@ class QueryGroup:
 
     content: [B, N, D] initial query features; pos: [B, N, D] query positional embedding.
     fixed_masks: optional [B, N, h, w] bool (True = foreground); when given, the group's
-    cross-attention is restricted to these masks at every layer instead of its own predictions.
+    cross-attention is restricted to these masks at every layer instead of its own predictions:
+    a pixel of a level is attended where the bilinearly resized mask is > 0 (the SegPrompt
+    release's example masked attention, Zhu et al. 2023 Eq. 3). An all-False mask attends
+    everywhere, like an empty predicted mask.
     sees_main: whether the group's self-attention may read the main queries.
+    seen_by_main: whether the main queries' self-attention may read this group (then the main
+        outputs depend on the group; off by default).
+    sees_other_groups: whether the group's self-attention may read every other extra group.
     """
 
     content: torch.Tensor
     pos: torch.Tensor
     fixed_masks: Optional[torch.Tensor] = None
     sees_main: bool = True
+    seen_by_main: bool = False
+    sees_other_groups: bool = False
 
 
 class _ResidualSublayer(nn.Module):
@@ -283,16 +291,23 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
                 )
 
     def _self_attention_mask(self, groups: List[QueryGroup], device: torch.device) -> torch.Tensor:
-        """[T, T] bool, True = may not attend: main sees main; a group sees itself (+ main if sees_main)."""
+        """[T, T] bool, True = may not attend: main sees main (+ groups `seen_by_main`); a group
+        sees itself (+ main if `sees_main`, + all other groups if `sees_other_groups`)."""
         sizes = [self.num_queries] + [g.content.shape[1] for g in groups]
         total = sum(sizes)
+        main = self.num_queries
         blocked = torch.ones(total, total, dtype=torch.bool, device=device)
-        blocked[: self.num_queries, : self.num_queries] = False
-        start = self.num_queries
+        blocked[:main, :main] = False
+        start = main
         for group, size in zip(groups, sizes[1:]):
-            blocked[start : start + size, start : start + size] = False
+            rows = slice(start, start + size)
+            blocked[rows, rows] = False
             if group.sees_main:
-                blocked[start : start + size, : self.num_queries] = False
+                blocked[rows, :main] = False
+            if group.seen_by_main:
+                blocked[:main, rows] = False
+            if group.sees_other_groups:
+                blocked[rows, main:] = False
             start += size
         return blocked
 
@@ -302,11 +317,12 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
         mask_features: torch.Tensor,
         attn_size: Tuple[int, int],
         fixed_regions: List[Tuple[int, int, torch.Tensor]],
-    ) -> Tuple[Optional[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> Tuple[Optional[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Prediction heads on the current queries (Sec. 3.2.1) and the next cross-attention mask.
 
-        Returns (class logits, mask logits, decoder-normed embeddings,
-        attention mask [B*nH, T, h*w] with True = blocked at the next level's size `attn_size`).
+        Returns (class logits, mask logits, decoder-normed embeddings, the un-normed query
+        states, attention mask [B*nH, T, h*w] with True = blocked at the next level's size
+        `attn_size`).
         """
         embeds = self.decoder_norm(output)
         masks = torch.einsum("bqc,bchw->bqhw", self.mask_embed(embeds), mask_features)
@@ -324,13 +340,13 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
         for start, end, fixed in fixed_regions:
             fixed_resized = (
                 F.interpolate(fixed.float(), size=attn_size, mode="bilinear", align_corners=False)
-                > 0.5
+                > 0
             )
             blocked[:, start:end] = ~fixed_resized.flatten(2)
         # a query whose mask is empty at this level attends everywhere instead of nowhere (no NaN)
         blocked[blocked.all(dim=-1)] = False
         attn_mask = blocked.unsqueeze(1).expand(-1, self.num_heads, -1, -1).flatten(0, 1)
-        return logits, masks, embeds, attn_mask
+        return logits, masks, embeds, output, attn_mask
 
     def forward(
         self,
@@ -340,7 +356,8 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
     ) -> Dict:
         """x: the 3 multi-scale maps (lowest resolution first); mask_features [B, mask_dim, H, W].
 
-        Returns {"pred_logits" [B,Q,K+1], "pred_masks" [B,Q,H,W], "pred_embeds" [B,Q,D],
+        Returns {"pred_logits" [B,Q,K+1], "pred_masks" [B,Q,H,W], "pred_embeds" [B,Q,D]
+        (decoder-normed), "pred_queries" [B,Q,D] (the query states before the decoder norm),
         "aux_outputs": one dict per intermediate prediction, "extra": one dict per group}.
         """
         if len(x) != self.num_feature_levels:
@@ -377,10 +394,10 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
                 start = end
 
         predictions = []
-        logits, masks, embeds, attn_mask = self._predict(
+        logits, masks, embeds, states, attn_mask = self._predict(
             output, mask_features, sizes[0], fixed_regions
         )
-        predictions.append((logits, masks, embeds))
+        predictions.append((logits, masks, embeds, states))
         for layer in range(self.num_layers):
             level = layer % self.num_feature_levels
             output = self.transformer_cross_attention_layers[layer](
@@ -391,10 +408,10 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
             )
             output = self.transformer_ffn_layers[layer](output)
             next_size = sizes[(layer + 1) % self.num_feature_levels]
-            logits, masks, embeds, attn_mask = self._predict(
+            logits, masks, embeds, states, attn_mask = self._predict(
                 output, mask_features, next_size, fixed_regions
             )
-            predictions.append((logits, masks, embeds))
+            predictions.append((logits, masks, embeds, states))
 
         result = self._pack(predictions, 0, self.num_queries)
         result["extra"] = []
@@ -413,8 +430,9 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
                 "pred_logits": logits[:, start:end] if logits is not None else None,
                 "pred_masks": masks[:, start:end],
                 "pred_embeds": embeds[:, start:end],
+                "pred_queries": states[:, start:end],
             }
-            for logits, masks, embeds in predictions
+            for logits, masks, embeds, states in predictions
         ]
         final = packed[-1]
         final["aux_outputs"] = packed[:-1]

@@ -1,45 +1,57 @@
 """Config keys of SegPrompt (Zhu et al. ICCV 2023), under cfg.MODEL.SEGPROMPT.
 
-Defaults follow the paper's main setting (Sec. 3-4); the ablation switches reproduce the
-component, query-initialisation and attention ablations (Tables 5-7) and are documented
-key by key in projects/segprompt/README.md.
+Defaults are the paper's main setting and, where the paper is silent, the release's
+(`configs/lvis_ow/segprompt_lvisow.yaml` over `mask2former/config.py`); the ablation switches
+reproduce Tables 5-7 and are listed in projects/segprompt/README.md.
 """
 
 from detectron2.config import CfgNode as CN
 
-AUXILIARY_MODES = ("segprompt", "vanilla", "none")
-PROMPT_ATTENTIONS = ("reference", "self", "shared")
+# Table 5: "None", "Vanilla M2F", "Ours" (= segprompt)
+AUXILIARY_MODES = ("segprompt", "vanilla_m2f", "none")
+# Table 7, rows 1-4
+PROMPT_ATTENTIONS = (
+    "SelfAttn",
+    "SelfAttn_independent",
+    "RefAttn_inter_class_visible",
+    "RefAttn_inter_class_invisible",
+)
 
 
 def add_segprompt_config(cfg: CN) -> None:
     """Add cfg.MODEL.SEGPROMPT (read by `SegPromptMaskFormer.from_config`)."""
     sp = cfg.MODEL.SEGPROMPT = CN()
     # "segprompt": prompt-extraction + prompt-based prediction branches (the method);
-    # "vanilla": a class-aware Mask2Former classification head on the baseline queries as the
-    # only auxiliary task (Table 5, "vanilla M2F auxiliary"); "none": the class-agnostic baseline
+    # "vanilla_m2f": a parallel class-aware Mask2Former branch sharing every weight but its
+    # class head (Table 5 "Vanilla M2F"); "none": the class-agnostic baseline (Table 5 "None")
     sp.AUXILIARY = "segprompt"
-    # prompt-extraction branch (Sec. 3.2): example queries per image, distinct classes first
+    # prompt-extraction branch (Sec. 3.3): at most 5 example queries per image
     sp.MAX_EXAMPLES_PER_IMAGE = 5
-    # weight of the example supervision: each example query's mask against its own ground
-    # truth (BCE + dice, scaled by MASK_WEIGHT / DICE_WEIGHT); 0 disables it (Table 5)
-    sp.EXAMPLE_MASK_WEIGHT = 1.0
-    # prompt cache: one vector per known class, p_c <- m * p_c + (1 - m) * mean example feature
+    # example supervision (Sec. 3.3): every example query's class ("object") and mask against
+    # its own ground truth at every decoder level, baseline loss weights; False = Table 5 "Ours*"
+    sp.EXAMPLE_SUPERVISION = True
+    # prompt cache momentum m (Eq. 5)
     sp.CACHE_MOMENTUM = 0.9
-    # prompt-based prediction branch (Sec. 3.3): C_max classes per image (positives first,
-    # negatives sampled uniformly among absent known classes), K queries per class; 30 x 10
-    # = the 300 prompt queries of the authors' released LVIS-OW config
+    # prompt-based prediction branch (Sec. 3.4, Sec. 5.3): C_max = 30 classes per image,
+    # K = 10 queries per class (the release's NUM_OPEN_QUERIES 300 / QUERY_REPEAT 10)
     sp.MAX_PROMPT_CLASSES = 30
     sp.QUERIES_PER_CLASS = 10
-    # weight of the whole prompt-based prediction branch's losses
-    sp.PROMPT_BRANCH_WEIGHT = 1.0
-    # query initialisation p_c + r_k + s_c (Table 6): False drops the cached prompt p_c
-    # ("w/o p") or the learnable class embedding s_c ("w/o s")
+    # multipliers of the class / mask / dice weights for the prompt-based (and vanilla_m2f)
+    # branch's losses (release OPEN_BRANCH_WEIGHT)
+    sp.PROMPT_BRANCH_WEIGHT = [1.0, 1.0, 1.0]
+    # known instances whose mask has at most this many pixels (at the training input size) are
+    # left out of the example queries, the positive classes and the targets of the baseline
+    # and prompt branches (release MIN_MASK_AREA)
+    sp.MIN_MASK_AREA = 100
+    # Eq. 6, v_ck = p_c + r_k + s_c: False drops p_c ("w/o p") or s_c ("w/o s"), Table 6
     sp.USE_PROMPT = True
     sp.USE_CLASS_EMBEDDING = True
-    # self-attention of a class group (Table 7): "reference" = baseline queries + its own
-    # group; "self" = its own group only; "shared" = one group for all classes (classes see
-    # each other, the "SelfAttn" variant)
-    sp.PROMPT_ATTENTION = "reference"
-    # intra-class matching: "many_to_one" (every query of a present class is matched, each
-    # ground truth at least once) or "one_to_one" (Hungarian inside each class)
-    sp.MATCHING = "many_to_one"
+    # p_c enters Eq. 6 as is (release EXAMPLE_QUERY_PROJ False); True: a linear layer each for
+    # content and positional embedding
+    sp.PROMPT_PROJECTION = False
+    # r_k of Eq. 6: "baseline_queries" = the baseline's learnable queries at K random distinct
+    # indices per class group (release default); "learned" = K embeddings of its own
+    # (release ADDTIONAL_QUERY)
+    sp.RANK_EMBEDDING = "baseline_queries"
+    # self-attention of the prompt queries, Table 7 rows 1-4 (see README); the default is RefAttn
+    sp.PROMPT_ATTENTION = "RefAttn_inter_class_invisible"

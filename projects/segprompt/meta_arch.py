@@ -1,22 +1,26 @@
 """SegPrompt (Zhu et al. ICCV 2023): category-level prompts as auxiliary training of a
 class-agnostic Mask2Former.
 
-Three branches share every decoder weight (Fig. 2):
-- the class-agnostic baseline branch: the ordinary learnable queries, trained with the
-  class-agnostic set loss; it is the only branch at inference, so inference costs nothing
-  extra and its outputs do not depend on the auxiliary branches (the baseline queries never
-  attend to the extra query groups);
-- the prompt-extraction branch (Sec. 3.2): zero-initialised example queries whose masked
-  cross-attention is restricted to one ground-truth mask each; their output features update
-  the prompt cache by momentum, their masks are supervised by their own ground truth;
-- the prompt-based prediction branch (Sec. 3.3): C_max known classes per image, K queries per
-  class initialised ``p_c + r_k + s_c``; each class group attends to the baseline queries and
-  its own group ("reference attention"), is matched only to ground truth of its class
-  (intra-class many-to-one matching) and, for absent classes (negatives), is trained to
-  predict "no object" with the classification loss only.
+Three branches share every decoder weight (Fig. 2) and run in one decoder forward as query
+groups (`openseg.modeling.mask_decoder.QueryGroup`):
+- the class-agnostic baseline branch (Sec. 3.2): the ordinary learnable queries, trained with
+  the class-agnostic set loss; the only branch at inference, and (except in the Table 7
+  "SelfAttn" ablation) never reading the other groups, so its outputs do not depend on them;
+- the prompt-extraction branch (Sec. 3.3): zero-initialised example queries whose masked
+  cross-attention is fixed to one ground-truth mask each (Eq. 3) and which self-attend to each
+  other, not to the baseline (Eq. 4); their final states update the prompt cache (Eq. 5), and
+  "example supervision" trains their class ("object") and mask at every decoder level;
+- the prompt-based prediction branch (Sec. 3.4): C_max known classes per image, K queries per
+  class initialised ``p_c + r_k + s_c`` (Eq. 6); with reference attention (Eq. 7) a class
+  group reads the baseline queries and itself. Intra-class Hungarian matching; matched
+  queries are "object" with the mask loss, unmatched and negative-class queries "no object"
+  without mask loss.
 
-The transformer decoder runs inside `losses` during training because the extra query groups
-are built from the targets, which the base `forward` prepares after `forward_heads`.
+The "Vanilla M2F" auxiliary of Table 5 instead decodes a parallel copy of the baseline
+queries (every weight shared) whose own class head is trained class-aware on the known
+classes. The transformer decoder runs inside `losses` during training because the extra
+query groups are built from the targets, which the base `forward` prepares after
+`forward_heads`.
 """
 
 import logging
@@ -34,42 +38,54 @@ from openseg.modeling.mask_decoder import QueryGroup
 from openseg.modeling.meta_arch import OpenSegMaskFormer
 
 from .config import AUXILIARY_MODES, PROMPT_ATTENTIONS
-from .matching import MATCHINGS, intra_class_assignment
+from .matching import one_to_one_assignment
 from .prompt_cache import PromptCache
 from .queries import PromptQueryBuilder, select_examples, select_prompt_classes
 
 logger = logging.getLogger(__name__)
 
 Indices = List[Tuple[Tensor, Tensor]]
+OUTPUT_KEYS = ("pred_logits", "pred_masks", "pred_embeds", "pred_queries")
 
 
-def known_classes_of_dataset(dataset_name: str) -> List[int]:
-    """Contiguous ids of the classes labelled in training: `class_splits["known"]` of the
-    dataset's metadata, else every class (`stuff_classes`, else `thing_classes`)."""
+def known_classes_of_dataset(dataset_name: str) -> Tuple[List[int], int]:
+    """Contiguous ids of the classes labelled in training (`class_splits["known"]` of the
+    dataset's metadata, else every class) and the number of classes of the dataset
+    (`stuff_classes`, else `thing_classes`)."""
     metadata = MetadataCatalog.get(dataset_name)
-    splits = metadata.get("class_splits", None)
-    if splits and "known" in splits:
-        return sorted(int(i) for i in splits["known"])
     classes = metadata.get("stuff_classes", None) or metadata.get("thing_classes", None)
     if not classes:
         raise ValueError(
-            f"SegPrompt: dataset '{dataset_name}' (cfg.DATASETS.TRAIN[0]) has neither "
-            "class_splits['known'] nor stuff_classes / thing_classes in its metadata; the "
-            "prompt cache needs the known classes."
+            f"SegPrompt: dataset '{dataset_name}' (cfg.DATASETS.TRAIN[0]) has no stuff_classes "
+            "/ thing_classes in its metadata; the prompt cache needs the classes."
         )
-    return list(range(len(classes)))
+    splits = metadata.get("class_splits", None)
+    if splits and "known" in splits:
+        return sorted(int(i) for i in splits["known"]), len(classes)
+    return list(range(len(classes))), len(classes)
 
 
 def concat_query_outputs(outputs: Sequence[Dict]) -> Dict:
     """Concatenate decoder outputs of several query groups along the query dimension
     (final prediction and every ``aux_outputs`` level)."""
-    keys = ("pred_logits", "pred_masks", "pred_embeds")
-    merged = {key: torch.cat([o[key] for o in outputs], dim=1) for key in keys}
+    merged = {key: torch.cat([o[key] for o in outputs], dim=1) for key in OUTPUT_KEYS}
     merged["aux_outputs"] = [
-        {key: torch.cat([o["aux_outputs"][level][key] for o in outputs], dim=1) for key in keys}
+        {
+            key: torch.cat([o["aux_outputs"][level][key] for o in outputs], dim=1)
+            for key in OUTPUT_KEYS
+        }
         for level in range(len(outputs[0]["aux_outputs"]))
     ]
     return merged
+
+
+def output_levels(outputs: Dict, deep_supervision: bool) -> List[Tuple[str, Dict]]:
+    """(key suffix, outputs) of the final prediction and, with deep supervision, of every
+    intermediate one: ("", final), ("_0", first aux), ..."""
+    levels = [("", outputs)]
+    if deep_supervision:
+        levels += [(f"_{i}", aux) for i, aux in enumerate(outputs["aux_outputs"])]
+    return levels
 
 
 @META_ARCH_REGISTRY.register()
@@ -85,34 +101,41 @@ class SegPromptMaskFormer(OpenSegMaskFormer):
         self,
         *,
         known_classes: Sequence[int],
+        num_dataset_classes: int,
         auxiliary: str,
         max_examples: int,
-        example_mask_weight: float,
+        example_supervision: bool,
         cache_momentum: float,
         max_prompt_classes: int,
         queries_per_class: int,
+        min_mask_area: int,
         prompt_attention: str,
-        matching: str,
         use_prompt: bool,
         use_class_embedding: bool,
+        prompt_projection: bool,
+        rank_embedding: str,
         vanilla_criterion: Optional[SetCriterion] = None,
         **kwargs,
     ):
         """
         Args:
-            known_classes: contiguous ids of the labelled (known) classes; cache row i is
-                class known_classes[i].
-            auxiliary: "segprompt", "vanilla" (class-aware head on the baseline queries) or
-                "none" (plain class-agnostic baseline).
+            known_classes: contiguous ids of the labelled (known) classes.
+            num_dataset_classes: number of classes of the training set. As in the release,
+                the prompt cache and the class embeddings s_c have one row per class of the
+                dataset (row = contiguous class id; only known rows are used), so the release's
+                LVIS tables load row for row.
+            auxiliary: "segprompt", "vanilla_m2f" or "none" (Table 5).
             max_examples: example queries per image.
-            example_mask_weight: weight of the example supervision (0 = off).
-            cache_momentum: momentum of the prompt cache.
+            example_supervision: train the example queries' class and mask.
+            cache_momentum: momentum m of the prompt cache (Eq. 5).
             max_prompt_classes: C_max class groups per image.
             queries_per_class: K queries per class group.
-            prompt_attention: "reference", "self" or "shared" (see config.py).
-            matching: "many_to_one" or "one_to_one".
-            use_prompt, use_class_embedding: include p_c / s_c in the query initialisation.
-            vanilla_criterion: class-aware criterion of the "vanilla" mode.
+            min_mask_area: known instances of at most this many pixels are dropped from the
+                training targets (release MIN_MASK_AREA; not applied with auxiliary "none").
+            prompt_attention: one of `PROMPT_ATTENTIONS` (Table 7).
+            use_prompt, use_class_embedding, prompt_projection, rank_embedding: Eq. 6 terms,
+                see `PromptQueryBuilder`.
+            vanilla_criterion: class-aware criterion of the "vanilla_m2f" mode.
             kwargs: arguments of `OpenSegMaskFormer`.
         """
         super().__init__(**kwargs)
@@ -124,29 +147,30 @@ class SegPromptMaskFormer(OpenSegMaskFormer):
         for name, value, allowed in (
             ("AUXILIARY", auxiliary, AUXILIARY_MODES),
             ("PROMPT_ATTENTION", prompt_attention, PROMPT_ATTENTIONS),
-            ("MATCHING", matching, MATCHINGS),
         ):
             if value not in allowed:
                 raise ValueError(
                     f"cfg.MODEL.SEGPROMPT.{name}={value!r}; expected one of {allowed}."
                 )
         known_classes = sorted(set(int(c) for c in known_classes))
-        if not known_classes or known_classes[0] < 0:
+        if not known_classes or known_classes[0] < 0 or known_classes[-1] >= num_dataset_classes:
             raise ValueError(
-                f"SegPrompt: known classes must be non-negative ids, got {known_classes}."
+                f"SegPrompt: known classes must be ids in [0, {num_dataset_classes}), got "
+                f"{known_classes}."
             )
-        if auxiliary == "vanilla" and vanilla_criterion is None:
-            raise ValueError("SegPrompt: AUXILIARY 'vanilla' needs a vanilla_criterion.")
+        if auxiliary == "vanilla_m2f" and vanilla_criterion is None:
+            raise ValueError("SegPrompt: AUXILIARY 'vanilla_m2f' needs a vanilla_criterion.")
         self.auxiliary = auxiliary
         self.max_examples = max_examples
-        self.example_mask_weight = example_mask_weight
+        self.example_supervision = example_supervision
         self.max_prompt_classes = min(max_prompt_classes, len(known_classes))
         self.queries_per_class = queries_per_class
+        self.min_mask_area = min_mask_area
         self.prompt_attention = prompt_attention
-        self.matching = matching
-        lookup = torch.full((known_classes[-1] + 1,), -1, dtype=torch.int64)
-        lookup[torch.tensor(known_classes)] = torch.arange(len(known_classes))
-        self.register_buffer("known_row_of_class", lookup, persistent=False)
+        self.known_classes = known_classes
+        is_known = torch.zeros(num_dataset_classes, dtype=torch.bool)
+        is_known[torch.tensor(known_classes)] = True
+        self.register_buffer("is_known", is_known, persistent=False)
 
         hidden_dim = self.transformer_decoder.hidden_dim
         if auxiliary == "segprompt":
@@ -155,11 +179,17 @@ class SegPromptMaskFormer(OpenSegMaskFormer):
                     "cfg.MODEL.SEGPROMPT.MAX_EXAMPLES_PER_IMAGE and MAX_PROMPT_CLASSES must be "
                     f"positive, got {max_examples} and {max_prompt_classes}."
                 )
-            self.prompt_cache = PromptCache(len(known_classes), hidden_dim, cache_momentum)
+            self.prompt_cache = PromptCache(num_dataset_classes, hidden_dim, cache_momentum)
             self.query_builder = PromptQueryBuilder(
-                len(known_classes), hidden_dim, queries_per_class, use_prompt, use_class_embedding
+                num_dataset_classes,
+                hidden_dim,
+                queries_per_class,
+                use_prompt=use_prompt,
+                use_class_embedding=use_class_embedding,
+                prompt_projection=prompt_projection,
+                rank_embedding=rank_embedding,
             )
-        if auxiliary == "vanilla":
+        if auxiliary == "vanilla_m2f":
             self.vanilla_head = nn.Linear(hidden_dim, len(known_classes) + 1)
             self.vanilla_criterion = vanilla_criterion
 
@@ -171,52 +201,73 @@ class SegPromptMaskFormer(OpenSegMaskFormer):
             raise ValueError(
                 "SegPrompt: cfg.DATASETS.TRAIN is empty; the known classes come from it."
             )
-        known = known_classes_of_dataset(cfg.DATASETS.TRAIN[0])
+        known, num_dataset_classes = known_classes_of_dataset(cfg.DATASETS.TRAIN[0])
         args.update(
             known_classes=known,
+            num_dataset_classes=num_dataset_classes,
             auxiliary=sp.AUXILIARY,
             max_examples=sp.MAX_EXAMPLES_PER_IMAGE,
-            example_mask_weight=sp.EXAMPLE_MASK_WEIGHT,
+            example_supervision=sp.EXAMPLE_SUPERVISION,
             cache_momentum=sp.CACHE_MOMENTUM,
             max_prompt_classes=sp.MAX_PROMPT_CLASSES,
             queries_per_class=sp.QUERIES_PER_CLASS,
+            min_mask_area=sp.MIN_MASK_AREA,
             prompt_attention=sp.PROMPT_ATTENTION,
-            matching=sp.MATCHING,
             use_prompt=sp.USE_PROMPT,
             use_class_embedding=sp.USE_CLASS_EMBEDDING,
+            prompt_projection=sp.PROMPT_PROJECTION,
+            rank_embedding=sp.RANK_EMBEDDING,
         )
-        if sp.AUXILIARY == "vanilla":
+        if sp.AUXILIARY == "vanilla_m2f":
             args["vanilla_criterion"] = cls.build_vanilla_criterion(cfg, len(known))
         return args
 
     @staticmethod
+    def branch_weights(cfg) -> Dict[str, float]:
+        """Class / mask / dice weights of the prompt-based branch: the baseline's times
+        PROMPT_BRANCH_WEIGHT (release OPEN_BRANCH_WEIGHT)."""
+        mf, multipliers = cfg.MODEL.MASK_FORMER, cfg.MODEL.SEGPROMPT.PROMPT_BRANCH_WEIGHT
+        if len(multipliers) != 3:
+            raise ValueError(
+                "cfg.MODEL.SEGPROMPT.PROMPT_BRANCH_WEIGHT must be [class, mask, dice] "
+                f"multipliers, got {list(multipliers)}."
+            )
+        c, m, d = multipliers
+        return {
+            "loss_ce": mf.CLASS_WEIGHT * c,
+            "loss_mask": mf.MASK_WEIGHT * m,
+            "loss_dice": mf.DICE_WEIGHT * d,
+        }
+
+    @staticmethod
     def build_criterion(cfg) -> SetCriterion:
-        """The baseline criterion with the weights of the example and prompt loss terms."""
+        """The baseline criterion plus the weights of the example (baseline weights, as
+        released) and prompt loss terms."""
         criterion = OpenSegMaskFormer.build_criterion(cfg)
-        mf, sp = cfg.MODEL.MASK_FORMER, cfg.MODEL.SEGPROMPT
+        mf = cfg.MODEL.MASK_FORMER
         criterion.weight_dict.update(
             {
-                "loss_mask_example": mf.MASK_WEIGHT * sp.EXAMPLE_MASK_WEIGHT,
-                "loss_dice_example": mf.DICE_WEIGHT * sp.EXAMPLE_MASK_WEIGHT,
-                "loss_ce_prompt": mf.CLASS_WEIGHT * sp.PROMPT_BRANCH_WEIGHT,
-                "loss_mask_prompt": mf.MASK_WEIGHT * sp.PROMPT_BRANCH_WEIGHT,
-                "loss_dice_prompt": mf.DICE_WEIGHT * sp.PROMPT_BRANCH_WEIGHT,
+                "loss_ce_example": mf.CLASS_WEIGHT,
+                "loss_mask_example": mf.MASK_WEIGHT,
+                "loss_dice_example": mf.DICE_WEIGHT,
             }
+        )
+        criterion.weight_dict.update(
+            {f"{key}_prompt": w for key, w in SegPromptMaskFormer.branch_weights(cfg).items()}
         )
         return criterion
 
     @staticmethod
     def build_vanilla_criterion(cfg, num_known: int) -> SetCriterion:
-        """Class-aware Mask2Former criterion over the known classes ("vanilla" auxiliary),
-        its loss keys suffixed ``_vanilla`` and scaled by PROMPT_BRANCH_WEIGHT."""
+        """Class-aware Mask2Former criterion over the known classes ("vanilla_m2f"), its loss
+        keys suffixed ``_vanilla`` and weighted like the prompt-based branch."""
         class_aware_cfg = cfg.clone()
         class_aware_cfg.defrost()
         class_aware_cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES = num_known
+        class_aware_cfg.MODEL.MASK_FORMER.CLASS_AGNOSTIC = False
         criterion = OpenSegMaskFormer.build_criterion(class_aware_cfg)
-        branch_weight = cfg.MODEL.SEGPROMPT.PROMPT_BRANCH_WEIGHT
         criterion.weight_dict = {
-            f"{key}_vanilla": weight * branch_weight
-            for key, weight in criterion.weight_dict.items()
+            f"{key}_vanilla": w for key, w in SegPromptMaskFormer.branch_weights(cfg).items()
         }
         return criterion
 
@@ -230,136 +281,188 @@ class SegPromptMaskFormer(OpenSegMaskFormer):
         return {"mask_features": mask_features, "multi_scale_features": multi_scale_features}
 
     def prepare_targets(self, batched_inputs: List[Dict], images: ImageList) -> List[Dict]:
-        """Class-agnostic targets plus ``known_rows`` [N]: each instance's prompt-cache row
-        (-1 for a class outside the known classes)."""
+        """Class-agnostic targets plus ``known_rows`` [N]: each instance's class id if the class
+        is known, else -1 (the prompt-cache row). With an auxiliary branch, known instances
+        of at most MIN_MASK_AREA pixels are dropped (release `SegPrompt.forward`)."""
         targets = super().prepare_targets(batched_inputs, images)
         for target, x in zip(targets, batched_inputs):
-            target["known_rows"] = self.known_rows(x["instances"].gt_classes.to(self.device))
+            rows = self.known_rows(x["instances"].gt_classes.to(self.device))
+            if self.auxiliary != "none":
+                area = target["masks"].flatten(1).sum(dim=1)
+                keep = (rows < 0) | (area > self.min_mask_area)
+                target["labels"], target["masks"], rows = (
+                    target["labels"][keep],
+                    target["masks"][keep],
+                    rows[keep],
+                )
+            target["known_rows"] = rows
         return targets
 
     def losses(self, outputs: Dict, targets: List[Dict]) -> Dict[str, Tensor]:
         """Decode the baseline queries with the auxiliary groups, then every branch's losses."""
         mask_features = outputs["mask_features"]
         groups: List[QueryGroup] = []
-        example_plan = prompt_plan = None
         if self.auxiliary == "segprompt":
-            example_groups, example_plan = self.example_groups(targets, mask_features)
+            example_group, selected = self.example_group(targets, mask_features)
             prompt_groups, prompt_plan = self.prompt_groups(targets, mask_features)
-            groups = example_groups + prompt_groups
+            groups = [example_group] + prompt_groups
+        elif self.auxiliary == "vanilla_m2f":
+            groups = [self.vanilla_group(mask_features)]
         decoded = self.transformer_decoder(
             outputs["multi_scale_features"], mask_features, extra_groups=groups
         )
         losses = self.criterion.weighted(self.criterion(decoded, targets))
         if self.auxiliary == "segprompt":
-            num_example_groups = example_plan[1].shape[1]
-            example_outputs = concat_query_outputs(decoded["extra"][:num_example_groups])
-            prompt_outputs = concat_query_outputs(decoded["extra"][num_example_groups:])
-            losses.update(self.example_losses(example_outputs, targets, example_plan))
+            prompt_outputs = concat_query_outputs(decoded["extra"][1:])
+            losses.update(self.example_losses(decoded["extra"][0], targets, selected))
             losses.update(self.prompt_losses(prompt_outputs, targets, prompt_plan))
-        elif self.auxiliary == "vanilla":
-            losses.update(self.vanilla_losses(decoded, targets))
+        elif self.auxiliary == "vanilla_m2f":
+            losses.update(self.vanilla_losses(decoded["extra"][0], targets))
         return losses
 
     # ------------------------------------------------------------------ helpers
     def known_rows(self, classes: Tensor) -> Tensor:
-        """Prompt-cache row of each contiguous class id, -1 for classes that are not known."""
+        """Prompt-cache row (= the class id) of each contiguous class id, -1 for classes that
+        are not known."""
         classes = classes.long()
-        in_range = (classes >= 0) & (classes < self.known_row_of_class.numel())
+        in_range = (classes >= 0) & (classes < self.is_known.numel())
         rows = torch.full_like(classes, -1)
-        rows[in_range] = self.known_row_of_class[classes[in_range]]
+        known = in_range.clone()
+        known[in_range] = self.is_known[classes[in_range]]
+        rows[known] = classes[known]
         return rows
 
-    def example_groups(
-        self, targets: List[Dict], mask_features: Tensor
-    ) -> Tuple[List[QueryGroup], Tuple[List[Tensor], Tensor]]:
-        """One single-query group per example slot (so padding slots never influence real
-        examples): zero content and position, cross-attention fixed to the example's mask.
+    def fully_visible(self) -> bool:
+        """Table 7 row 1 ("SelfAttn"): every query reads every other, baseline included."""
+        return self.prompt_attention == "SelfAttn"
 
-        Returns the groups and (per image the selected target indices, slot validity [B, E]).
-        """
+    def example_group(
+        self, targets: List[Dict], mask_features: Tensor
+    ) -> Tuple[QueryGroup, List[Tensor]]:
+        """One group of `max_examples` zero-initialised example queries per image (Eq. 3-4):
+        cross-attention fixed to the example's ground-truth mask, self-attention among the
+        image's example queries. As released, unused slots stay in the group as zero queries
+        with an empty mask (they attend everywhere).
+
+        Returns the group and, per image, the selected target indices (slot i = index i)."""
         batch, dim = mask_features.shape[0], self.transformer_decoder.hidden_dim
         height, width = targets[0]["masks"].shape[-2:]
-        fixed = torch.ones(
+        fixed = torch.zeros(
             batch, self.max_examples, height, width, dtype=torch.bool, device=mask_features.device
         )
-        valid = torch.zeros(batch, self.max_examples, dtype=torch.bool, device=mask_features.device)
         selected = []
         for image, target in enumerate(targets):
             chosen = select_examples(target["known_rows"], self.max_examples)
             selected.append(chosen)
             if chosen.numel():
                 fixed[image, : chosen.numel()] = target["masks"][chosen.to(target["masks"].device)]
-                valid[image, : chosen.numel()] = True
-        zeros = mask_features.new_zeros(batch, 1, dim)
-        groups = [
-            QueryGroup(zeros, zeros, fixed_masks=fixed[:, slot : slot + 1], sees_main=False)
-            for slot in range(self.max_examples)
-        ]
-        return groups, (selected, valid)
+        zeros = mask_features.new_zeros(batch, self.max_examples, dim)
+        visible = self.fully_visible()
+        group = QueryGroup(
+            zeros,
+            zeros,
+            fixed_masks=fixed,
+            sees_main=visible,
+            seen_by_main=visible,
+            sees_other_groups=visible,
+        )
+        return group, selected
 
     def prompt_groups(
         self, targets: List[Dict], mask_features: Tensor
     ) -> Tuple[List[QueryGroup], Tuple[Tensor, Tensor]]:
-        """C_max class groups of K queries ``p_c + r_k + s_c``; with "shared" attention all
-        classes form one group. Returns the groups and (rows [B, C], positive [B, C])."""
+        """C_max class groups of K queries ``p_c + r_k + s_c`` arranged for the Table 7
+        attention variant. Returns the groups and (rows [B, C], positive [B, C])."""
         present = [t["known_rows"][t["known_rows"] >= 0] for t in targets]
-        rows, positive = select_prompt_classes(
-            present, self.prompt_cache.num_classes, self.max_prompt_classes
-        )
+        rows, positive = select_prompt_classes(present, self.known_classes, self.max_prompt_classes)
         rows = rows.to(mask_features.device)
-        content, pos = self.query_builder(rows, self.prompt_cache.prompts)
-        if self.prompt_attention == "shared":
-            groups = [QueryGroup(content.flatten(1, 2), pos.flatten(1, 2), sees_main=True)]
+        decoder = self.transformer_decoder
+        content, pos = self.query_builder(
+            rows, self.prompt_cache.prompts, decoder.query_feat.weight, decoder.query_embed.weight
+        )
+        attention = self.prompt_attention
+        if attention in ("SelfAttn", "RefAttn_inter_class_visible"):
+            visible = attention == "SelfAttn"
+            groups = [
+                QueryGroup(
+                    content.flatten(1, 2),
+                    pos.flatten(1, 2),
+                    sees_main=True,
+                    seen_by_main=visible,
+                    sees_other_groups=visible,
+                )
+            ]
         else:
-            sees_main = self.prompt_attention == "reference"
+            sees_main = attention == "RefAttn_inter_class_invisible"
             groups = [
                 QueryGroup(content[:, slot], pos[:, slot], sees_main=sees_main)
                 for slot in range(rows.shape[1])
             ]
         return groups, (rows, positive.to(mask_features.device))
 
+    def vanilla_group(self, mask_features: Tensor) -> QueryGroup:
+        """Table 5 "Vanilla M2F": a parallel copy of the baseline queries (same learnable
+        query weights) that, like the prompt-based branch, reads the baseline queries."""
+        decoder = self.transformer_decoder
+        batch = mask_features.shape[0]
+        return QueryGroup(
+            decoder.query_feat.weight[None].expand(batch, -1, -1),
+            decoder.query_embed.weight[None].expand(batch, -1, -1),
+            sees_main=True,
+        )
+
     def example_losses(
-        self, outputs: Dict, targets: List[Dict], plan: Tuple[List[Tensor], Tensor]
+        self, outputs: Dict, targets: List[Dict], selected: List[Tensor]
     ) -> Dict[str, Tensor]:
-        """Example supervision (each example query's final mask against its own ground
-        truth) and the prompt-cache update with the example features."""
-        selected, valid = plan
-        indices = [
-            (torch.arange(chosen.numel(), dtype=torch.int64), chosen.cpu()) for chosen in selected
-        ]
+        """Prompt-cache update with the example queries' final states (Eq. 5) and example
+        supervision: slot i is "object" with the mask of its example, unused slots are
+        "no object", at every decoder level (release `SetCriterion_Example`)."""
+        valid = torch.zeros(outputs["pred_queries"].shape[:2], dtype=torch.bool)
+        for image, chosen in enumerate(selected):
+            valid[image, : chosen.numel()] = True
         rows = torch.cat(
             [t["known_rows"][c.to(t["known_rows"].device)] for t, c in zip(targets, selected)]
         )
-        self.prompt_cache.update(rows, outputs["pred_embeds"][valid])
-        if self.example_mask_weight == 0:
+        self.prompt_cache.update(rows, outputs["pred_queries"][valid.to(rows.device)])
+        if not self.example_supervision:
             return {}
+        indices = [
+            (torch.arange(chosen.numel(), dtype=torch.int64), chosen.cpu()) for chosen in selected
+        ]
         num_masks = self.criterion.get_num_masks(
             [{"labels": chosen} for chosen in selected], outputs["pred_masks"].device
         )
-        losses = self.criterion.compute(
-            outputs, targets, num_masks, indices=indices, suffix="_example", losses=["masks"]
-        )
+        losses = {}
+        for suffix, level in output_levels(outputs, self.criterion.deep_supervision):
+            losses.update(
+                self.criterion.compute(
+                    level, targets, num_masks, indices=indices, suffix="_example" + suffix
+                )
+            )
         return self.criterion.weighted(losses)
 
     def match_prompts(
         self, outputs: Dict, targets: List[Dict], rows: Tensor, positive: Tensor
     ) -> Indices:
-        """Intra-class matching: the K queries of a present class's group against the ground
-        truth of that class; negative groups stay unmatched ("no object")."""
+        """Intra-class Hungarian matching (Sec. 3.4): the K queries of a present class's group
+        against the ground truth of that class; negative groups stay unmatched. As in the
+        release (`HungarianMatcherClasswise`), one set of cost points is drawn per image for
+        all its prompt queries and ground truth."""
         per_class = self.queries_per_class
+        matcher = self.criterion.matcher
         indices = []
         for image, target in enumerate(targets):
+            cost = matcher.cost_matrix(
+                outputs["pred_logits"][image],
+                outputs["pred_masks"][image],
+                torch.zeros_like(target["labels"]),
+                target["masks"],
+            )
             query_parts, target_parts = [], []
             for slot in torch.nonzero(positive[image]).flatten().tolist():
                 gt = torch.nonzero(target["known_rows"] == rows[image, slot]).flatten()
                 queries = slice(slot * per_class, (slot + 1) * per_class)
-                cost = self.criterion.matcher.cost_matrix(
-                    outputs["pred_logits"][image, queries],
-                    outputs["pred_masks"][image, queries],
-                    torch.zeros_like(gt),
-                    target["masks"][gt],
-                )
-                query_idx, target_idx = intra_class_assignment(cost, self.matching)
+                query_idx, target_idx = one_to_one_assignment(cost[queries][:, gt])
                 query_parts.append(query_idx + slot * per_class)
                 target_parts.append(gt.cpu()[target_idx])
             if query_parts:
@@ -372,63 +475,51 @@ class SegPromptMaskFormer(OpenSegMaskFormer):
     def prompt_losses(
         self, outputs: Dict, targets: List[Dict], plan: Tuple[Tensor, Tensor]
     ) -> Dict[str, Tensor]:
-        """Classification (all groups) and mask losses (matched queries) of the prompt-based
-        prediction branch, for the final prediction and each deep-supervision level."""
+        """Classification (every query) and mask losses (matched queries) of the prompt-based
+        prediction branch, matched anew at every decoder level; normalised, as released
+        (`SetCriterion_Open`), by the number of ground-truth masks in the batch."""
         rows, positive = plan
-        levels = [("_prompt", outputs)]
-        if self.criterion.deep_supervision:
-            levels += [(f"_prompt_{i}", aux) for i, aux in enumerate(outputs["aux_outputs"])]
+        num_masks = self.criterion.get_num_masks(targets, outputs["pred_masks"].device)
         losses = {}
-        num_masks = None
-        for suffix, level_outputs in levels:
-            indices = self.match_prompts(level_outputs, targets, rows, positive)
-            if num_masks is None:
-                num_masks = self.criterion.get_num_masks(
-                    [{"labels": query_idx} for query_idx, _ in indices],
-                    level_outputs["pred_masks"].device,
-                )
+        for suffix, level in output_levels(outputs, self.criterion.deep_supervision):
+            indices = self.match_prompts(level, targets, rows, positive)
             losses.update(
                 self.criterion.compute(
-                    level_outputs, targets, num_masks, indices=indices, suffix=suffix
+                    level, targets, num_masks, indices=indices, suffix="_prompt" + suffix
                 )
             )
         return self.criterion.weighted(losses)
 
-    def vanilla_losses(self, decoded: Dict, targets: List[Dict]) -> Dict[str, Tensor]:
-        """Class-aware Mask2Former losses of the baseline queries over the known classes
-        (Table 5, "vanilla M2F auxiliary"): a separate class head, its own matching."""
+    def vanilla_losses(self, outputs: Dict, targets: List[Dict]) -> Dict[str, Tensor]:
+        """Class-aware Mask2Former losses of the parallel branch over the known classes (Table
+        5 "Vanilla M2F"): its own class head on the shared decoder, its own matching."""
+        index_of_class = torch.full_like(self.is_known, -1, dtype=torch.int64)
+        index_of_class[self.is_known] = torch.arange(
+            len(self.known_classes), device=self.is_known.device
+        )
         known_targets = [
             {
-                "labels": t["known_rows"][t["known_rows"] >= 0],
+                "labels": index_of_class[t["known_rows"][t["known_rows"] >= 0]],
                 "masks": t["masks"][t["known_rows"] >= 0],
             }
             for t in targets
         ]
-
-        def class_aware(level: Dict) -> Dict:
-            return {
+        criterion = self.vanilla_criterion
+        num_masks = criterion.get_num_masks(known_targets, outputs["pred_masks"].device)
+        losses = {}
+        for suffix, level in output_levels(outputs, criterion.deep_supervision):
+            class_aware = {
                 "pred_logits": self.vanilla_head(level["pred_embeds"]),
                 "pred_masks": level["pred_masks"],
             }
-
-        criterion = self.vanilla_criterion
-        num_masks = criterion.get_num_masks(known_targets, decoded["pred_masks"].device)
-        losses = criterion.compute(
-            class_aware(decoded), known_targets, num_masks, suffix="_vanilla"
-        )
-        if criterion.deep_supervision:
-            for i, aux in enumerate(decoded["aux_outputs"]):
-                losses.update(
-                    criterion.compute(
-                        class_aware(aux), known_targets, num_masks, suffix=f"_vanilla_{i}"
-                    )
-                )
+            losses.update(
+                criterion.compute(class_aware, known_targets, num_masks, suffix="_vanilla" + suffix)
+            )
         return criterion.weighted(losses)
 
     def extra_repr(self) -> str:
         return (
             f"{super().extra_repr()}, auxiliary={self.auxiliary}, "
             f"max_examples={self.max_examples}, C_max={self.max_prompt_classes}, "
-            f"K={self.queries_per_class}, prompt_attention={self.prompt_attention}, "
-            f"matching={self.matching}"
+            f"K={self.queries_per_class}, prompt_attention={self.prompt_attention}"
         )

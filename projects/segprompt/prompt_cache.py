@@ -1,9 +1,11 @@
 """Category-level prompt cache of SegPrompt (Zhu et al. ICCV 2023, Sec. 3.2).
 
 One D-dimensional prompt per known class, the momentum average of the features that the
-prompt-extraction branch's example queries produce for that class:
-``p_c <- m * p_c + (1 - m) * mean_i f_i`` over the examples i of class c in the iteration.
-The prompts are a buffer (checkpointed, never trained by gradient) and start at zero.
+prompt-extraction branch's example queries produce for that class (Eq. 5):
+``p_c <- m * p_c + (1 - m) * mean_i f_i`` over the examples i of class c in the iteration (on
+all ranks). The prompts are a buffer (checkpointed, never trained by gradient) and start at
+zero. As in the release (the paper is silent), a prompt that is still all zero is set to the
+class mean on its first update instead of being shrunk towards zero.
 """
 
 import torch
@@ -17,7 +19,7 @@ class PromptCache(nn.Module):
     def __init__(self, num_classes: int, dim: int, momentum: float = 0.9):
         """
         Args:
-            num_classes: number of known classes (rows of the cache).
+            num_classes: rows of the cache (one per class id; unused rows stay zero).
             dim: prompt dimension (the decoder's hidden dimension).
             momentum: weight m of the old prompt in the update, in [0, 1).
         """
@@ -75,7 +77,10 @@ class PromptCache(nn.Module):
         counts = totals[:, -1]
         present = counts > 0
         means = totals[present, :-1] / counts[present, None]
-        updated = self.momentum * self.prompts[present].float() + (1 - self.momentum) * means
+        previous = self.prompts[present].float()
+        never_set = (previous == 0).all(dim=1, keepdim=True)
+        previous = torch.where(never_set, means, previous)
+        updated = self.momentum * previous + (1 - self.momentum) * means
         self.prompts[present] = updated.to(self.prompts.dtype)
 
     def extra_repr(self) -> str:

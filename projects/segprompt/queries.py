@@ -1,92 +1,92 @@
-"""Query construction of SegPrompt's auxiliary branches (Zhu et al. ICCV 2023, Sec. 3.2-3.3).
+"""Query construction of SegPrompt's auxiliary branches (Zhu et al. ICCV 2023, Sec. 3.3-3.4).
 
-Prompt-extraction branch: up to `max_examples` ground-truth instances per image become
-example queries (zero-initialised, cross-attention restricted to their ground-truth mask);
-distinct classes are taken first so one iteration refreshes as many prompts as possible.
+Prompt-extraction branch (Sec. 3.3): at most `max_examples` ground-truth instances per image
+become zero-initialised example queries, distinct classes first. The paper only says "we
+prioritize different classes"; the choice among instances follows the release
+(`SegPrompt.forward`): the first instance of each class (classes in id order); more classes
+than slots: a random subset of classes; fewer: the remaining slots filled with random other
+instances; no more instances than slots: all of them in annotation order.
 
-Prompt-based prediction branch: C_max known classes per image (the classes present first,
-then negatives drawn uniformly among the absent known classes), K queries per class, query
-k of class c initialised as ``p_c + r_k + s_c``: the cached prompt (projected), a learnable
-per-rank embedding shared by all classes and a learnable per-class embedding. Content and
-positional parts each have their own projection / embeddings.
+Prompt-based prediction branch (Sec. 3.4): C_max known classes per image, the classes present
+first (in id order, at most C_max, as the release truncates its sorted candidate list), then
+negatives drawn uniformly among the absent known classes (sorted, as in the release). Query k
+of class c starts as ``p_c + r_k + s_c`` (Eq. 6), content and positional part alike.
 """
 
+import random
 from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
+RANK_EMBEDDINGS = ("baseline_queries", "learned")
 
-def select_examples(
-    rows: Tensor, max_examples: int, generator: Optional[torch.Generator] = None
-) -> Tensor:
-    """Ground-truth indices to extract prompts from, at most `max_examples`, classes first.
+
+def select_examples(rows: Tensor, max_examples: int, rng: Optional[random.Random] = None) -> Tensor:
+    """Ground-truth indices to extract prompts from (see the module docstring).
 
     Args:
-        rows: [M] known-class row of each ground truth, -1 for classes outside the cache.
-        max_examples: slots per image.
+        rows: [M] class id of each ground truth, -1 for instances that do not take part
+            (class not known, or too small).
+        max_examples: example slots per image.
+        rng: source of randomness (default: Python's global `random`, like the release).
     Returns:
-        int64 indices into `rows` (known classes only): one random instance of each class in
-        random class order, then the remaining instances in random order, truncated.
+        int64 CPU indices into `rows`, at most `max_examples`.
     """
-    candidates = torch.nonzero(rows >= 0).flatten().cpu()
+    rng = rng or random
+    rows = rows.cpu()
+    candidates = torch.nonzero(rows >= 0).flatten()
     if candidates.numel() == 0 or max_examples <= 0:
         return torch.zeros(0, dtype=torch.int64)
-    candidates = candidates[torch.randperm(candidates.numel(), generator=generator)]
-    candidate_rows = rows.cpu()[candidates]
-    first_of_class = torch.zeros(candidates.numel(), dtype=torch.bool)
-    seen = set()
-    for position, row in enumerate(candidate_rows.tolist()):
-        if row not in seen:
-            seen.add(row)
-            first_of_class[position] = True
-    ordered = torch.cat([candidates[first_of_class], candidates[~first_of_class]])
-    return ordered[:max_examples]
+    if candidates.numel() < max_examples:
+        return candidates
+    candidate_rows = rows[candidates]
+    classes = torch.unique(candidate_rows)
+    first = torch.stack([candidates[candidate_rows == c][0] for c in classes])
+    if classes.numel() >= max_examples:
+        return first[torch.tensor(rng.sample(range(classes.numel()), max_examples))]
+    others = sorted(set(candidates.tolist()) - set(first.tolist()))
+    fill = rng.sample(others, max_examples - classes.numel())
+    return torch.cat([first, torch.tensor(fill, dtype=torch.int64)])
 
 
 def select_prompt_classes(
-    present: List[Tensor],
-    num_known: int,
-    max_classes: int,
-    generator: Optional[torch.Generator] = None,
+    present: List[Tensor], known: List[int], max_classes: int, rng: Optional[random.Random] = None
 ) -> Tuple[Tensor, Tensor]:
     """Known classes of each image's class groups: positives first, negatives uniformly.
 
     Args:
-        present: per image, the distinct cache rows of its ground truth.
-        num_known: number of known classes (cache rows).
-        max_classes: C_max, groups per image (at most num_known).
+        present: per image, the class ids of its (eligible) known ground truth.
+        known: ids of the known classes (the pool of negatives).
+        max_classes: C_max, groups per image (at most len(known)).
     Returns:
-        rows [B, C_max] int64 and positive [B, C_max] bool (the class is in the image).
-        Images with more than C_max classes present keep a uniformly random subset.
+        class ids [B, C_max] int64 and positive [B, C_max] bool (the class is in the image).
     """
-    if not 0 < max_classes <= num_known:
+    if not 0 < max_classes <= len(known):
         raise ValueError(
-            f"C_max={max_classes} must be in [1, {num_known}] (number of known classes); "
+            f"C_max={max_classes} must be in [1, {len(known)}] (number of known classes); "
             "check cfg.MODEL.SEGPROMPT.MAX_PROMPT_CLASSES."
         )
-    all_rows, all_positive = [], []
-    for rows in present:
-        rows = torch.unique(rows.cpu())
-        rows = rows[torch.randperm(rows.numel(), generator=generator)][:max_classes]
-        absent = torch.ones(num_known, dtype=torch.bool)
-        absent[rows] = False
-        absent_rows = torch.nonzero(absent).flatten()
-        num_negatives = max_classes - rows.numel()
-        negatives = absent_rows[
-            torch.randperm(absent_rows.numel(), generator=generator)[:num_negatives]
-        ]
-        all_rows.append(torch.cat([rows, negatives]))
-        all_positive.append(torch.arange(max_classes) < rows.numel())
-    return torch.stack(all_rows), torch.stack(all_positive)
+    rng = rng or random
+    all_ids, all_positive = [], []
+    for ids in present:
+        positives = torch.unique(ids.cpu())[:max_classes]
+        absent = sorted(set(known) - set(positives.tolist()))
+        negatives = sorted(rng.sample(absent, max_classes - positives.numel()))
+        all_ids.append(torch.cat([positives, torch.tensor(negatives, dtype=torch.int64)]))
+        all_positive.append(torch.arange(max_classes) < positives.numel())
+    return torch.stack(all_ids), torch.stack(all_positive)
 
 
 class PromptQueryBuilder(nn.Module):
-    """Initial content and positional embedding ``p_c + r_k + s_c`` of the prompt queries.
+    """Initial content and positional embedding ``p_c + r_k + s_c`` (Eq. 6).
 
-    These are the only parameters of SegPrompt not shared with the baseline decoder; the
-    terms disabled by `use_prompt` / `use_class_embedding` (ablations "w/o p", "w/o s")
-    have no parameters at all.
+    As released: p_c is the cached prompt itself (the release's `EXAMPLE_QUERY_PROJ` off; with
+    `prompt_projection` a linear layer each for content and position), s_c a learnable
+    embedding per known class (one for content, one for position), r_k the baseline's
+    learnable query feature / embedding at K distinct indices drawn at random per class group
+    in every forward (`rank_embedding="baseline_queries"`, the release's default), or K
+    learnable embeddings of its own (`"learned"`, the release's `ADDTIONAL_QUERY`).
     """
 
     def __init__(
@@ -96,6 +96,8 @@ class PromptQueryBuilder(nn.Module):
         queries_per_class: int,
         use_prompt: bool = True,
         use_class_embedding: bool = True,
+        prompt_projection: bool = False,
+        rank_embedding: str = "baseline_queries",
     ):
         super().__init__()
         if queries_per_class <= 0:
@@ -103,28 +105,69 @@ class PromptQueryBuilder(nn.Module):
                 f"K={queries_per_class} queries per class must be positive "
                 "(cfg.MODEL.SEGPROMPT.QUERIES_PER_CLASS)."
             )
+        if rank_embedding not in RANK_EMBEDDINGS:
+            raise ValueError(
+                f"cfg.MODEL.SEGPROMPT.RANK_EMBEDDING={rank_embedding!r}; expected one of "
+                f"{RANK_EMBEDDINGS}."
+            )
         self.queries_per_class = queries_per_class
+        self.hidden_dim = hidden_dim
         self.use_prompt = use_prompt
         self.use_class_embedding = use_class_embedding
-        self.rank_content = nn.Embedding(queries_per_class, hidden_dim)
-        self.rank_pos = nn.Embedding(queries_per_class, hidden_dim)
-        if use_prompt:
+        self.rank_embedding = rank_embedding
+        if rank_embedding == "learned":
+            self.rank_content = nn.Embedding(queries_per_class, hidden_dim)
+            self.rank_pos = nn.Embedding(queries_per_class, hidden_dim)
+        if use_prompt and prompt_projection:
             self.prompt_to_content = nn.Linear(hidden_dim, hidden_dim)
             self.prompt_to_pos = nn.Linear(hidden_dim, hidden_dim)
+        else:
+            self.prompt_to_content = self.prompt_to_pos = nn.Identity()
         if use_class_embedding:
             self.class_content = nn.Embedding(num_classes, hidden_dim)
             self.class_pos = nn.Embedding(num_classes, hidden_dim)
 
-    def forward(self, rows: Tensor, prompts: Tensor) -> Tuple[Tensor, Tensor]:
-        """rows [B, C] cache rows, prompts [num_known, D] -> content, pos [B, C, K, D]."""
-        content = self.rank_content.weight[None, None]
-        pos = self.rank_pos.weight[None, None]
+    def rank_indices(self, num_groups: int, num_baseline: int) -> Tensor:
+        """[num_groups, K] distinct baseline-query indices per class group (release: drawn anew
+        in every forward, the same for every image of the batch)."""
+        if self.queries_per_class > num_baseline:
+            raise ValueError(
+                f"K={self.queries_per_class} exceeds the {num_baseline} baseline queries that "
+                "r_k is drawn from; lower cfg.MODEL.SEGPROMPT.QUERIES_PER_CLASS or use "
+                "RANK_EMBEDDING 'learned'."
+            )
+        return torch.stack(
+            [torch.randperm(num_baseline)[: self.queries_per_class] for _ in range(num_groups)]
+        )
+
+    def forward(
+        self,
+        rows: Tensor,
+        prompts: Tensor,
+        baseline_content: Tensor,
+        baseline_pos: Tensor,
+        rank_indices: Optional[Tensor] = None,
+    ) -> Tuple[Tensor, Tensor]:
+        """rows [B, C] class ids, prompts [num_classes, D], baseline_content / baseline_pos
+        [Q, D] (the baseline's query_feat / query_embed weights) -> content, pos [B, C, K, D].
+
+        rank_indices [C, K]: the baseline queries used as r_k (drawn when not given)."""
+        batch, groups = rows.shape
+        shape = (batch, groups, self.queries_per_class, self.hidden_dim)
+        if self.rank_embedding == "learned":
+            content = self.rank_content.weight[None, None].expand(shape)
+            pos = self.rank_pos.weight[None, None].expand(shape)
+        else:
+            if rank_indices is None:
+                rank_indices = self.rank_indices(groups, baseline_content.shape[0])
+            rank_indices = rank_indices.to(baseline_content.device)
+            content = baseline_content[rank_indices][None].expand(shape)
+            pos = baseline_pos[rank_indices][None].expand(shape)
         if self.use_prompt:
-            selected = prompts[rows].to(self.rank_content.weight.dtype)
+            selected = prompts[rows].to(baseline_content.dtype)
             content = content + self.prompt_to_content(selected)[:, :, None]
             pos = pos + self.prompt_to_pos(selected)[:, :, None]
         if self.use_class_embedding:
             content = content + self.class_content(rows)[:, :, None]
             pos = pos + self.class_pos(rows)[:, :, None]
-        shape = (*rows.shape, self.queries_per_class, self.rank_content.weight.shape[1])
-        return content.expand(shape), pos.expand(shape)
+        return content, pos
