@@ -234,11 +234,11 @@ class MSDeformAttnEncoder(nn.Module):
                 for _ in range(num_layers)
             ]
         )
-        # level embeddings only matter inside attention; without layers they would be unused
-        # parameters, which DistributedDataParallel rejects
-        self.level_embed = nn.Parameter(torch.empty(n_levels, d_model)) if num_layers else None
-        if self.level_embed is not None:
-            nn.init.normal_(self.level_embed)
+        # kept also without layers, as the release (its checkpoints hold the key); it then
+        # reaches no output, so it is frozen: DistributedDataParallel rejects parameters
+        # without gradient
+        self.level_embed = nn.Parameter(torch.empty(n_levels, d_model), requires_grad=bool(num_layers))
+        nn.init.normal_(self.level_embed)
         for module in self.modules():
             if isinstance(module, MSDeformAttn):
                 module._reset_parameters()
@@ -274,7 +274,7 @@ class MSDeformAttnEncoder(nn.Module):
         for level, (src, pos) in enumerate(zip(sources, pos_embeds)):
             shapes.append(src.shape[-2:])
             flat_sources.append(src.flatten(2).transpose(1, 2))
-            if self.level_embed is not None:
+            if self.layers:
                 flat_pos.append(
                     pos.flatten(2).transpose(1, 2) + self.level_embed[level].view(1, 1, -1)
                 )
@@ -408,17 +408,26 @@ class MSDeformAttnPixelDecoder(nn.Module):
                 f"cfg.MODEL.SEM_SEG_HEAD.IN_FEATURES {missing} are not produced by the backbone "
                 f"(it outputs {sorted(input_shape)}); fix IN_FEATURES or MODEL.*.OUT_FEATURES"
             )
+        nheads = cfg.MODEL.MASK_FORMER.NHEADS
+        if head.DEFORMABLE_TRANSFORMER_ENCODER_N_HEADS != nheads:
+            raise ValueError(
+                "cfg.MODEL.SEM_SEG_HEAD.DEFORMABLE_TRANSFORMER_ENCODER_N_HEADS="
+                f"{head.DEFORMABLE_TRANSFORMER_ENCODER_N_HEADS} differs from "
+                f"cfg.MODEL.MASK_FORMER.NHEADS={nheads}: as in the released Mask2Former, the "
+                "deformable encoder uses MASK_FORMER.NHEADS heads; set both to the same value."
+            )
         return {
             "input_shape": {k: v for k, v in input_shape.items() if k in head.IN_FEATURES},
             "conv_dim": head.CONVS_DIM,
             "mask_dim": head.MASK_DIM,
             "norm": head.NORM,
             "transformer_dropout": cfg.MODEL.MASK_FORMER.DROPOUT,
-            "transformer_nheads": head.DEFORMABLE_TRANSFORMER_ENCODER_N_HEADS,
+            "transformer_nheads": nheads,
             # Mask2Former uses a 1024-wide FFN in the pixel-decoder encoder
             "transformer_dim_feedforward": 1024,
             "transformer_enc_layers": head.TRANSFORMER_ENC_LAYERS,
             "transformer_in_features": list(head.DEFORMABLE_TRANSFORMER_ENCODER_IN_FEATURES),
+            # the release hard-codes 4 points, this key's default
             "transformer_n_points": head.DEFORMABLE_TRANSFORMER_ENCODER_N_POINTS,
             "common_stride": head.COMMON_STRIDE,
         }
