@@ -69,7 +69,13 @@ def ms_deform_attn_core(
     _, num_queries, _, num_levels, num_points, _ = sampling_locations.shape
     # grid_sample with align_corners=False maps -1 / +1 to the outer pixel edges
     sampling_grids = 2 * sampling_locations - 1
-    sampled_per_level = []
+    weights = attention_weights.transpose(1, 2).reshape(
+        batch * num_heads, 1, num_queries, num_levels, num_points
+    )
+    # the weighted sum is accumulated level by level: stacking the samples of all levels
+    # first (as the release does) costs a copy of the largest tensor of the step and a
+    # second one of that size for the product
+    output = None
     for level in range(num_levels):
         height, width = int(spatial_shapes[level, 0]), int(spatial_shapes[level, 1])
         start = int(level_start_index[level])
@@ -80,16 +86,11 @@ def ms_deform_attn_core(
         )
         # [B, Lq, nH, P, 2] -> [B*nH, Lq, P, 2]
         grid_level = sampling_grids[:, :, :, level].transpose(1, 2).flatten(0, 1)
-        sampled_per_level.append(
-            F.grid_sample(
-                value_level, grid_level, mode="bilinear", padding_mode="zeros", align_corners=False
-            )
+        sampled = F.grid_sample(
+            value_level, grid_level, mode="bilinear", padding_mode="zeros", align_corners=False
         )  # [B*nH, Dh, Lq, P]
-    sampled = torch.stack(sampled_per_level, dim=-2)  # [B*nH, Dh, Lq, L, P]
-    weights = attention_weights.transpose(1, 2).reshape(
-        batch * num_heads, 1, num_queries, num_levels, num_points
-    )
-    output = (sampled * weights).sum(dim=(-1, -2))  # [B*nH, Dh, Lq]
+        term = (sampled * weights[..., level, :]).sum(-1)  # [B*nH, Dh, Lq]
+        output = term if output is None else output + term
     return output.view(batch, num_heads * head_dim, num_queries).transpose(1, 2).contiguous()
 
 
