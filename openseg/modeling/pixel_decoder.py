@@ -48,6 +48,42 @@ def build_pixel_decoder(cfg, input_shape: Dict[str, ShapeSpec]) -> nn.Module:
     return model
 
 
+class _WeightedBilinearSamples(torch.autograd.Function):
+    """sum_p weights[n, q, p] * bilinear_sample(value[n], grid[n, q, p]): [n, C, q].
+
+    The same as `(F.grid_sample(value, grid) * weights[:, None]).sum(-1)`, but the samples
+    ([n, C, q, P], the largest tensors of the pixel decoder: 4 x n_points x the encoder's
+    activations per layer) are not kept for backward: they are sampled again there, which
+    costs one grid_sample forward and saves about a quarter of a training step's peak memory.
+    """
+
+    @staticmethod
+    def forward(ctx, value: torch.Tensor, grid: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        sampled = F.grid_sample(
+            value, grid, mode="bilinear", padding_mode="zeros", align_corners=False
+        )
+        ctx.save_for_backward(value, grid, weights)
+        return (sampled * weights[:, None]).sum(-1)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        value, grid, weights = ctx.saved_tensors
+        sampled = F.grid_sample(
+            value, grid, mode="bilinear", padding_mode="zeros", align_corners=False
+        )
+        grad_output = grad_output.unsqueeze(-1)
+        grad_weights = (grad_output * sampled).sum(1) if ctx.needs_input_grad[2] else None
+        del sampled
+        grad_value = grad_grid = None
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+            # interpolation 0 = bilinear, padding 0 = zeros, as in forward
+            grad_value, grad_grid = torch.ops.aten.grid_sampler_2d_backward(
+                grad_output * weights[:, None], value, grid, 0, 0, False,
+                [ctx.needs_input_grad[0], ctx.needs_input_grad[1]],
+            )
+        return grad_value, grad_grid, grad_weights
+
+
 def ms_deform_attn_core(
     value: torch.Tensor,
     spatial_shapes: torch.Tensor,
@@ -70,7 +106,7 @@ def ms_deform_attn_core(
     # grid_sample with align_corners=False maps -1 / +1 to the outer pixel edges
     sampling_grids = 2 * sampling_locations - 1
     weights = attention_weights.transpose(1, 2).reshape(
-        batch * num_heads, 1, num_queries, num_levels, num_points
+        batch * num_heads, num_queries, num_levels, num_points
     )
     # the weighted sum is accumulated level by level: stacking the samples of all levels
     # first (as the release does) costs a copy of the largest tensor of the step and a
@@ -86,10 +122,9 @@ def ms_deform_attn_core(
         )
         # [B, Lq, nH, P, 2] -> [B*nH, Lq, P, 2]
         grid_level = sampling_grids[:, :, :, level].transpose(1, 2).flatten(0, 1)
-        sampled = F.grid_sample(
-            value_level, grid_level, mode="bilinear", padding_mode="zeros", align_corners=False
-        )  # [B*nH, Dh, Lq, P]
-        term = (sampled * weights[..., level, :]).sum(-1)  # [B*nH, Dh, Lq]
+        term = _WeightedBilinearSamples.apply(
+            value_level, grid_level, weights[:, :, level]
+        )  # [B*nH, Dh, Lq]
         output = term if output is None else output + term
     return output.view(batch, num_heads * head_dim, num_queries).transpose(1, 2).contiguous()
 
