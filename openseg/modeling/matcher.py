@@ -32,13 +32,10 @@ def batch_sigmoid_ce_cost(inputs: Tensor, targets: Tensor) -> Tensor:
         [N, M] cost, entry (i, j) = mean over points of BCE(inputs[i], targets[j]).
     """
     num_points = inputs.shape[1]
-    loss_if_positive = F.binary_cross_entropy_with_logits(
-        inputs, torch.ones_like(inputs), reduction="none"
-    )
-    loss_if_negative = F.binary_cross_entropy_with_logits(
-        inputs, torch.zeros_like(inputs), reduction="none"
-    )
-    cost = loss_if_positive @ targets.T + loss_if_negative @ (1 - targets).T
+    # BCE(x, t) = softplus(x) - t * x, so the pairwise sum over points is one matmul (the
+    # release computes the BCE against 1 and against 0 and multiplies each by a matrix)
+    loss_if_negative = F.softplus(inputs)
+    cost = loss_if_negative.sum(-1, keepdim=True) - inputs @ targets.T
     return cost / num_points
 
 
