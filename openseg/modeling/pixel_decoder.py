@@ -6,9 +6,13 @@ produce the per-pixel mask embeddings. Deformable attention is written with
 `F.grid_sample`, so no compiled extension is needed.
 
 Where the paper is silent the release (facebookresearch/Mask2Former, `MSDeformAttnPixelDecoder`)
-is followed: encoder levels ordered coarsest first with learnt level embeddings, a 1024-wide
-encoder FFN, sampling offsets in pixels of each level normalised by its (W, H), bilinear
-(not nearest) upsampling in the FPN path, and float32 computation under mixed precision.
+is followed: encoder levels ordered coarsest first with learnt level embeddings (kept also
+without encoder layers), a 1024-wide encoder FFN with MODEL.MASK_FORMER.NHEADS heads and 4
+points, sampling offsets in pixels of each level normalised by its (W, H), bilinear (not
+nearest) upsampling in the FPN path, and float32 computation under mixed precision. Unlike the
+release, the attention-weighted sum is accumulated level by level and the bilinear samples are
+recomputed in backward instead of stored (same values; less time and memory,
+`benchmarks/bench_vs_reference.py`).
 `tests/test_reference_mask2former.py` checks the outputs against the release's on non-square
 levels with query-dependent offsets.
 """
