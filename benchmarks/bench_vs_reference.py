@@ -44,7 +44,7 @@ from typing import Callable, Dict, Iterable, Iterator, List, Sequence, Tuple
 import torch
 from detectron2.config import get_cfg
 from detectron2.data import MetadataCatalog
-from detectron2.modeling import build_model
+from detectron2.modeling import BACKBONE_REGISTRY, build_model
 from detectron2.structures import Instances
 from tabulate import tabulate
 from torch import nn
@@ -111,6 +111,18 @@ def _test_switches(tasks: Sequence[str]) -> List[Tuple[str, bool]]:
     return [(f"{task.upper()}_ON", task in tasks) for task in ("semantic", "instance", "panoptic")]
 
 
+@contextlib.contextmanager
+def _registered_aside(registry, names: Sequence[str]) -> Iterator[None]:
+    """Let the release register its own classes under names openseg already uses (its Swin
+    backbone is also `D2SwinTransformer`); openseg's entries are restored afterwards, and the
+    benchmark's configuration builds neither by that name."""
+    saved = {name: registry._obj_map.pop(name) for name in names if name in registry}
+    try:
+        yield
+    finally:
+        registry._obj_map.update(saved)
+
+
 def build_reference(reference_root: Path, device: str, tasks: Sequence[str]):
     """The released MaskFormer (random weights) and its train_net optimizer."""
     sys.path.insert(0, str(REPO_ROOT / "tools" / "reference_fixtures"))
@@ -118,8 +130,10 @@ def build_reference(reference_root: Path, device: str, tasks: Sequence[str]):
 
     folder = add_reference_to_path(reference_root, REFERENCE_FOLDER)
     from detectron2.projects.deeplab import add_deeplab_config
-    from mask2former import add_maskformer2_config
-    from train_net import Trainer as ReferenceTrainer
+
+    with _registered_aside(BACKBONE_REGISTRY, ["D2SwinTransformer"]):
+        from mask2former import add_maskformer2_config
+        from train_net import Trainer as ReferenceTrainer
 
     cfg = get_cfg()
     add_deeplab_config(cfg)

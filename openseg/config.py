@@ -92,7 +92,10 @@ def add_openseg_config(cfg: CN) -> None:
     cfg.MODEL.SEM_SEG_HEAD.TRANSFORMER_ENC_LAYERS = 6
     cfg.MODEL.SEM_SEG_HEAD.PIXEL_DECODER_NAME = "MSDeformAttnPixelDecoder"
     cfg.MODEL.SEM_SEG_HEAD.DEFORMABLE_TRANSFORMER_ENCODER_IN_FEATURES = ["res3", "res4", "res5"]
+    # sampling points per head and level (the release defines this key and hard-codes 4)
     cfg.MODEL.SEM_SEG_HEAD.DEFORMABLE_TRANSFORMER_ENCODER_N_POINTS = 4
+    # as in the release, the encoder's head count is MODEL.MASK_FORMER.NHEADS; this key of the
+    # release is kept so its configs read unchanged and must equal NHEADS (checked at build)
     cfg.MODEL.SEM_SEG_HEAD.DEFORMABLE_TRANSFORMER_ENCODER_N_HEADS = 8
 
     # ---------------------------------------------------------------- mask transformer
@@ -127,7 +130,12 @@ def add_openseg_config(cfg: CN) -> None:
     cfg.MODEL.MASK_FORMER.TEST.OBJECT_MASK_THRESHOLD = 0.8
     cfg.MODEL.MASK_FORMER.TEST.OVERLAP_THRESHOLD = 0.8
     cfg.MODEL.MASK_FORMER.TEST.SEM_SEG_POSTPROCESSING_BEFORE_INFERENCE = False
-    cfg.MODEL.MASK_FORMER.TEST.DETECTIONS_PER_IMAGE = 100
+    # instance inference keeps the top cfg.TEST.DETECTIONS_PER_IMAGE (detectron2's key, default
+    # 100) queries x classes, as the release; openseg's former key under MASK_FORMER.TEST fails
+    # with a message naming the new one
+    cfg.register_renamed_key(
+        "MODEL.MASK_FORMER.TEST.DETECTIONS_PER_IMAGE", "TEST.DETECTIONS_PER_IMAGE"
+    )
 
     # ---------------------------------------------------------------- evaluation
     # metric families to run; empty = those named in the test dataset's metadata
@@ -205,6 +213,8 @@ def load_config(config_file: Optional[str] = None, opts: Optional[List[str]] = N
         try:
             cfg.merge_from_file(config_file)
         except KeyError as err:
+            if "was renamed" in str(err.args[0]):
+                raise KeyError(f"{config_file}: {err.args[0]}") from None
             raise KeyError(
                 f"{config_file}: {err.args[0]}. Check the spelling, or that the method defining it "
                 f"is installed (openseg.projects.<name>)."
@@ -214,7 +224,7 @@ def load_config(config_file: Optional[str] = None, opts: Optional[List[str]] = N
             cfg.merge_from_list(list(opts))
         except (KeyError, AssertionError) as err:
             message = f"command-line override: {err.args[0] if err.args else err}"
-            if "Non-existent" in message:
+            if "Non-existent" in message or "was renamed" in message:
                 raise KeyError(message) from None
             raise ValueError(f"{message} (overrides are KEY VALUE pairs)") from None
     return cfg

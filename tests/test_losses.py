@@ -6,7 +6,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from openseg.modeling.losses import SetCriterion, dice_loss, sigmoid_ce_loss, sigmoid_focal_loss
+from openseg.modeling.losses import (
+    SetCriterion,
+    dice_loss,
+    sample_mask_points,
+    sigmoid_ce_loss,
+    sigmoid_focal_loss,
+)
 from openseg.modeling.matcher import HungarianMatcher
 
 LN3 = math.log(3.0)
@@ -206,3 +212,31 @@ def test_uniform_point_loss_approximates_dense_loss():
     assert losses["loss_mask"].item() == pytest.approx(expected_bce.item(), rel=0.05)
     expected_dice = dice_loss(dense_pred.flatten(1), dense_target.flatten(1), 2.0)
     assert losses["loss_dice"].item() == pytest.approx(expected_dice.item(), rel=0.05)
+
+
+def test_sample_mask_points_equals_grid_sample_on_padded_float_masks():
+    """The gather-based sampler against F.grid_sample on the zero-padded float copy the release
+    samples: non-square masks in a larger canvas, points on pixel centres, edges and outside."""
+    generator = torch.Generator().manual_seed(0)
+    masks = torch.rand(5, 7, 11, generator=generator) > 0.5
+    canvas = (9, 13)
+    coords = torch.rand(3, 40, 2, generator=generator) * 1.4 - 0.2
+    coords[:, 0] = torch.tensor([0.5 / 13, 0.5 / 9])  # a pixel centre: exactly that pixel
+    coords[:, 1] = torch.tensor([11 / 13, 3 / 9])  # the image's right edge inside the canvas
+    mask_index = torch.tensor([4, 0, 2])
+    padded = F.pad(masks.float(), (0, canvas[1] - 11, 0, canvas[0] - 7))[mask_index]
+    expected = F.grid_sample(
+        padded[:, None], 2 * coords[:, :, None] - 1, mode="bilinear", align_corners=False
+    )[:, 0, :, 0]
+    sampled = sample_mask_points(masks, coords, mask_index, canvas)
+    assert sampled.dtype == torch.float32
+    torch.testing.assert_close(sampled, expected, rtol=0, atol=1e-6)
+    assert sampled[:, 0].tolist() == masks[mask_index, 0, 0].float().tolist()
+    assert 0 < (sampled > 0).float().mean() < 1
+    # shared points [K, 2] for every mask, no canvas: all masks in order
+    shared = coords[0]
+    expected_shared = F.grid_sample(
+        masks.float()[:, None], (2 * shared - 1)[None, :, None].expand(5, -1, -1, -1),
+        mode="bilinear", align_corners=False,
+    )[:, 0, :, 0]
+    torch.testing.assert_close(sample_mask_points(masks, shared), expected_shared, rtol=0, atol=1e-6)

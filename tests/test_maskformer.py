@@ -60,7 +60,7 @@ def tiny_cfg(class_agnostic: bool = False):
     mf.TEST.PANOPTIC_ON = True
     mf.TEST.INSTANCE_ON = True
     mf.TEST.OBJECT_MASK_THRESHOLD = 0.0
-    mf.TEST.DETECTIONS_PER_IMAGE = 5
+    cfg.TEST.DETECTIONS_PER_IMAGE = 5
     cfg.DATASETS.TRAIN = (DATASET,)
     cfg.DATASETS.TEST = (DATASET,)
     return cfg

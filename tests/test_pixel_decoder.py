@@ -128,6 +128,7 @@ def _tiny_cfg(enc_layers: int):
     head.TRANSFORMER_ENC_LAYERS = enc_layers
     head.DEFORMABLE_TRANSFORMER_ENCODER_N_HEADS = 2
     head.DEFORMABLE_TRANSFORMER_ENCODER_N_POINTS = 2
+    cfg.MODEL.MASK_FORMER.NHEADS = 2  # the release's encoder head count
     return cfg
 
 
@@ -163,6 +164,24 @@ def test_pixel_decoder_shapes_and_gradient(enc_layers):
     if enc_layers:
         offsets = decoder.transformer.layers[0].self_attn.sampling_offsets.weight
         assert offsets.grad.abs().sum() > 0
+        assert decoder.transformer.layers[0].self_attn.n_heads == 2
+    # the release keeps the level embedding without encoder layers (its checkpoints have it);
+    # unused then, it must not train (DDP rejects parameters without gradient)
+    level_embed = decoder.transformer.level_embed
+    assert tuple(level_embed.shape) == (3, 32)
+    assert "transformer.level_embed" in decoder.state_dict()
+    assert level_embed.requires_grad == bool(enc_layers)
+
+
+def test_pixel_decoder_heads_follow_mask_former_nheads():
+    """The release builds the encoder with MODEL.MASK_FORMER.NHEADS heads; a different
+    DEFORMABLE_TRANSFORMER_ENCODER_N_HEADS would be silently ignored there, so it is an error."""
+    cfg = _tiny_cfg(1)
+    cfg.MODEL.MASK_FORMER.NHEADS = 4
+    with pytest.raises(ValueError, match="DEFORMABLE_TRANSFORMER_ENCODER_N_HEADS=2 differs"):
+        build_pixel_decoder(cfg, _SHAPES)
+    cfg.MODEL.SEM_SEG_HEAD.DEFORMABLE_TRANSFORMER_ENCODER_N_HEADS = 4
+    assert build_pixel_decoder(cfg, _SHAPES).transformer.layers[0].self_attn.n_heads == 4
 
 
 def test_pixel_decoder_rejects_missing_features():

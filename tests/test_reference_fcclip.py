@@ -116,8 +116,6 @@ def openseg_cfg(reference, alpha=None, beta=None):
     cfg.MODEL.TEXT_EMBEDDING.PROMPT_TEMPLATES = []  # FC-CLIP's release templates
     detections = released["TEST"]["DETECTIONS_PER_IMAGE"]
     cfg.TEST.DETECTIONS_PER_IMAGE = detections
-    if "DETECTIONS_PER_IMAGE" in cfg.MODEL.MASK_FORMER.TEST:
-        cfg.MODEL.MASK_FORMER.TEST.DETECTIONS_PER_IMAGE = detections
     cfg.DATASETS.TRAIN = (TRAIN_NAME,)
     cfg.DATASETS.TEST = (TEST_NAME,)
     return cfg

@@ -117,8 +117,6 @@ def openseg_cfg(reference):
     cfg.MODEL.TEXT_EMBEDDING.CACHE_DIR = ""
     detections = released["TEST"]["DETECTIONS_PER_IMAGE"]
     cfg.TEST.DETECTIONS_PER_IMAGE = detections
-    if "DETECTIONS_PER_IMAGE" in cfg.MODEL.MASK_FORMER.TEST:
-        cfg.MODEL.MASK_FORMER.TEST.DETECTIONS_PER_IMAGE = detections
     cfg.DATASETS.TRAIN = (METADATA_NAME,)
     cfg.DATASETS.TEST = (METADATA_NAME,)
     return cfg

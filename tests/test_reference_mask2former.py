@@ -84,10 +84,7 @@ def _openseg_model(reference, overlap_threshold=None):
         _copy(cfg.MODEL[group], released["MODEL"][group], group)
     # the release's deformable encoder takes its head count from MASK_FORMER.NHEADS
     cfg.MODEL.SEM_SEG_HEAD.DEFORMABLE_TRANSFORMER_ENCODER_N_HEADS = released["MODEL"]["MASK_FORMER"]["NHEADS"]
-    detections = released["TEST"]["DETECTIONS_PER_IMAGE"]
-    cfg.TEST.DETECTIONS_PER_IMAGE = detections
-    if "DETECTIONS_PER_IMAGE" in cfg.MODEL.MASK_FORMER.TEST:
-        cfg.MODEL.MASK_FORMER.TEST.DETECTIONS_PER_IMAGE = detections
+    cfg.TEST.DETECTIONS_PER_IMAGE = released["TEST"]["DETECTIONS_PER_IMAGE"]
     cfg.MODEL.MASK_FORMER.TEST.OVERLAP_THRESHOLD = (
         reference["overlap_threshold"] if overlap_threshold is None else overlap_threshold
     )

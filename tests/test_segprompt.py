@@ -92,7 +92,7 @@ def tiny_cfg(**segprompt):
             "False",
             "MODEL.MASK_FORMER.TEST.INSTANCE_ON",
             "True",
-            "MODEL.MASK_FORMER.TEST.DETECTIONS_PER_IMAGE",
+            "TEST.DETECTIONS_PER_IMAGE",
             "5",
             "MODEL.SEGPROMPT.MAX_EXAMPLES_PER_IMAGE",
             "3",

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 __all__ = [
     "point_sample",
+    "sample_mask_points",
     "get_uncertain_point_coords_with_randomness",
     "calculate_uncertainty",
     "dice_loss",
@@ -75,6 +76,56 @@ def sigmoid_focal_loss(
     if alpha >= 0:
         loss = (alpha * targets + (1 - alpha) * (1 - targets)) * loss
     return loss.flatten(1).mean(1).sum() / num_masks
+
+
+def sample_mask_points(
+    masks: Tensor,
+    point_coords: Tensor,
+    mask_index: Optional[Tensor] = None,
+    canvas_size: Optional[Tuple[int, int]] = None,
+) -> Tensor:
+    """Bilinear samples of (binary) target masks at points, read without a float copy of the masks.
+
+    Computes what ``point_sample(masks[mask_index][:, None].float(), coords,
+    align_corners=False)[:, 0]`` computes (pixel centres at (i + 0.5) / size, zero outside),
+    but gathers the four neighbours of each point from the masks in their own dtype: targets
+    are full-resolution bool masks, and converting them to float for every matching and loss
+    call (as the release does) costs time and a full-resolution float tensor at the training
+    step's memory peak.
+
+    Args:
+        masks: [M, H, W] masks of any dtype.
+        point_coords: (x, y) in [0, 1]: [K, 2] shared by every sampled mask, or [N, K, 2].
+        mask_index: [N] which mask each row samples (default: every mask in order).
+        canvas_size: (H', W') >= (H, W) the coordinates refer to, the masks sitting zero-padded
+            in its top-left corner (default: the masks' own size).
+    Returns:
+        [N, K] float32 samples.
+    """
+    num_masks, height, width = masks.shape
+    if mask_index is None:
+        mask_index = torch.arange(num_masks, device=masks.device)
+    canvas_height, canvas_width = canvas_size or (height, width)
+    coords = point_coords.to(device=masks.device, dtype=torch.float32)
+    if coords.dim() == 2:
+        coords = coords[None]
+    # grid_sample's unnormalisation (align_corners=False) of the grid 2 * coords - 1
+    grid = 2.0 * coords - 1.0
+    x = ((grid[..., 0] + 1) * canvas_width - 1) / 2
+    y = ((grid[..., 1] + 1) * canvas_height - 1) / 2
+    x0, y0 = x.floor(), y.floor()
+    right, below = x - x0, y - y0
+    flat = masks.reshape(num_masks, height * width)
+    rows = mask_index.to(masks.device).long()[:, None]
+    result = None
+    for dx, weight_x in ((0, 1 - right), (1, right)):
+        for dy, weight_y in ((0, 1 - below), (1, below)):
+            xi, yi = x0 + dx, y0 + dy
+            inside = (xi >= 0) & (xi < width) & (yi >= 0) & (yi < height)
+            index = (yi.clamp(0, height - 1) * width + xi.clamp(0, width - 1)).long()
+            term = flat[rows, index].float() * (weight_x * weight_y * inside)
+            result = term if result is None else result + term
+    return result
 
 
 def calculate_uncertainty(logits: Tensor) -> Tensor:
@@ -194,7 +245,6 @@ class SetCriterion(nn.Module):
             zero = pred_masks.sum() * 0.0
             return {"loss_mask": zero, "loss_dice": zero.clone()}
         matched_pred = matched_pred[:, None].float()
-        matched_targets = self._matched_target_masks(targets, indices).to(matched_pred)[:, None]
         with torch.no_grad():
             point_coords = get_uncertain_point_coords_with_randomness(
                 matched_pred,
@@ -203,7 +253,7 @@ class SetCriterion(nn.Module):
                 self.oversample_ratio,
                 self.importance_sample_ratio,
             )
-            point_labels = point_sample(matched_targets, point_coords, align_corners=False)[:, 0]
+            point_labels = self._matched_target_points(targets, indices, point_coords)
         point_logits = point_sample(matched_pred, point_coords, align_corners=False)[:, 0]
         return {
             "loss_mask": sigmoid_ce_loss(point_logits, point_labels, num_masks),
@@ -218,16 +268,23 @@ class SetCriterion(nn.Module):
         return torch.cat(batch_idx).long(), torch.cat(query_idx).long()
 
     @staticmethod
-    def _matched_target_masks(targets: List[Dict[str, Tensor]], indices: Indices) -> Tensor:
-        """Target masks in matching order, zero-padded to the largest size in the batch."""
-        height = max(t["masks"].shape[-2] for t in targets)
-        width = max(t["masks"].shape[-1] for t in targets)
-        matched = []
+    def _matched_target_points(
+        targets: List[Dict[str, Tensor]], indices: Indices, point_coords: Tensor
+    ) -> Tensor:
+        """Samples [N, K] of the matched target masks (matching order) at `point_coords`
+        [N, K, 2], the masks zero-padded to the largest size in the batch as the release pads."""
+        canvas = (
+            max(t["masks"].shape[-2] for t in targets),
+            max(t["masks"].shape[-1] for t in targets),
+        )
+        labels, row = [], 0
         for target, (_, tgt_idx) in zip(targets, indices):
-            masks = target["masks"][tgt_idx.to(target["masks"].device)].float()
-            pad = (0, width - masks.shape[-1], 0, height - masks.shape[-2])
-            matched.append(F.pad(masks, pad))
-        return torch.cat(matched)
+            count = len(tgt_idx)
+            labels.append(sample_mask_points(
+                target["masks"], point_coords[row : row + count], tgt_idx, canvas
+            ).to(point_coords))
+            row += count
+        return torch.cat(labels)
 
     def get_num_masks(self, targets: List[Dict[str, Tensor]], device: torch.device) -> float:
         """Number of target masks averaged over ranks, at least 1 (the loss normaliser)."""

@@ -19,6 +19,8 @@ from detectron2.projects.point_rend.point_features import point_sample
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
+from .losses import sample_mask_points
+
 
 def batch_sigmoid_ce_cost(inputs: Tensor, targets: Tensor) -> Tensor:
     """Mean binary cross-entropy of every prediction against every target.
@@ -30,13 +32,10 @@ def batch_sigmoid_ce_cost(inputs: Tensor, targets: Tensor) -> Tensor:
         [N, M] cost, entry (i, j) = mean over points of BCE(inputs[i], targets[j]).
     """
     num_points = inputs.shape[1]
-    loss_if_positive = F.binary_cross_entropy_with_logits(
-        inputs, torch.ones_like(inputs), reduction="none"
-    )
-    loss_if_negative = F.binary_cross_entropy_with_logits(
-        inputs, torch.zeros_like(inputs), reduction="none"
-    )
-    cost = loss_if_positive @ targets.T + loss_if_negative @ (1 - targets).T
+    # BCE(x, t) = softplus(x) - t * x, so the pairwise sum over points is one matmul (the
+    # release computes the BCE against 1 and against 0 and multiplies each by a matrix)
+    loss_if_negative = F.softplus(inputs)
+    cost = loss_if_negative.sum(-1, keepdim=True) - inputs @ targets.T
     return cost / num_points
 
 
@@ -123,10 +122,7 @@ class HungarianMatcher(nn.Module):
             pred_masks[:, None].float(), coords.expand(pred_masks.shape[0], -1, -1),
             align_corners=False,
         )[:, 0]
-        tgt_points = point_sample(
-            tgt_masks[:, None].to(pred_points), coords.expand(tgt_masks.shape[0], -1, -1),
-            align_corners=False,
-        )[:, 0]
+        tgt_points = sample_mask_points(tgt_masks, point_coords).to(pred_points)
         class_probs = pred_logits.float().softmax(-1)
         cost = -self.cost_class * class_probs[:, tgt_labels.long()]
         # mask costs in float32 also under mixed precision, as the release computes them

@@ -6,9 +6,13 @@ produce the per-pixel mask embeddings. Deformable attention is written with
 `F.grid_sample`, so no compiled extension is needed.
 
 Where the paper is silent the release (facebookresearch/Mask2Former, `MSDeformAttnPixelDecoder`)
-is followed: encoder levels ordered coarsest first with learnt level embeddings, a 1024-wide
-encoder FFN, sampling offsets in pixels of each level normalised by its (W, H), bilinear
-(not nearest) upsampling in the FPN path, and float32 computation under mixed precision.
+is followed: encoder levels ordered coarsest first with learnt level embeddings (kept also
+without encoder layers), a 1024-wide encoder FFN with MODEL.MASK_FORMER.NHEADS heads and 4
+points, sampling offsets in pixels of each level normalised by its (W, H), bilinear (not
+nearest) upsampling in the FPN path, and float32 computation under mixed precision. Unlike the
+release, the attention-weighted sum is accumulated level by level and the bilinear samples are
+recomputed in backward instead of stored (same values; less time and memory,
+`benchmarks/bench_vs_reference.py`).
 `tests/test_reference_mask2former.py` checks the outputs against the release's on non-square
 levels with query-dependent offsets.
 """
@@ -48,6 +52,42 @@ def build_pixel_decoder(cfg, input_shape: Dict[str, ShapeSpec]) -> nn.Module:
     return model
 
 
+class _WeightedBilinearSamples(torch.autograd.Function):
+    """sum_p weights[n, q, p] * bilinear_sample(value[n], grid[n, q, p]): [n, C, q].
+
+    The same as `(F.grid_sample(value, grid) * weights[:, None]).sum(-1)`, but the samples
+    ([n, C, q, P], the largest tensors of the pixel decoder: 4 x n_points x the encoder's
+    activations per layer) are not kept for backward: they are sampled again there, which
+    costs one grid_sample forward and saves about a quarter of a training step's peak memory.
+    """
+
+    @staticmethod
+    def forward(ctx, value: torch.Tensor, grid: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        sampled = F.grid_sample(
+            value, grid, mode="bilinear", padding_mode="zeros", align_corners=False
+        )
+        ctx.save_for_backward(value, grid, weights)
+        return (sampled * weights[:, None]).sum(-1)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        value, grid, weights = ctx.saved_tensors
+        sampled = F.grid_sample(
+            value, grid, mode="bilinear", padding_mode="zeros", align_corners=False
+        )
+        grad_output = grad_output.unsqueeze(-1)
+        grad_weights = (grad_output * sampled).sum(1) if ctx.needs_input_grad[2] else None
+        del sampled
+        grad_value = grad_grid = None
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+            # interpolation 0 = bilinear, padding 0 = zeros, as in forward
+            grad_value, grad_grid = torch.ops.aten.grid_sampler_2d_backward(
+                grad_output * weights[:, None], value, grid, 0, 0, False,
+                [ctx.needs_input_grad[0], ctx.needs_input_grad[1]],
+            )
+        return grad_value, grad_grid, grad_weights
+
+
 def ms_deform_attn_core(
     value: torch.Tensor,
     spatial_shapes: torch.Tensor,
@@ -69,7 +109,13 @@ def ms_deform_attn_core(
     _, num_queries, _, num_levels, num_points, _ = sampling_locations.shape
     # grid_sample with align_corners=False maps -1 / +1 to the outer pixel edges
     sampling_grids = 2 * sampling_locations - 1
-    sampled_per_level = []
+    weights = attention_weights.transpose(1, 2).reshape(
+        batch * num_heads, num_queries, num_levels, num_points
+    )
+    # the weighted sum is accumulated level by level: stacking the samples of all levels
+    # first (as the release does) costs a copy of the largest tensor of the step and a
+    # second one of that size for the product
+    output = None
     for level in range(num_levels):
         height, width = int(spatial_shapes[level, 0]), int(spatial_shapes[level, 1])
         start = int(level_start_index[level])
@@ -80,16 +126,10 @@ def ms_deform_attn_core(
         )
         # [B, Lq, nH, P, 2] -> [B*nH, Lq, P, 2]
         grid_level = sampling_grids[:, :, :, level].transpose(1, 2).flatten(0, 1)
-        sampled_per_level.append(
-            F.grid_sample(
-                value_level, grid_level, mode="bilinear", padding_mode="zeros", align_corners=False
-            )
-        )  # [B*nH, Dh, Lq, P]
-    sampled = torch.stack(sampled_per_level, dim=-2)  # [B*nH, Dh, Lq, L, P]
-    weights = attention_weights.transpose(1, 2).reshape(
-        batch * num_heads, 1, num_queries, num_levels, num_points
-    )
-    output = (sampled * weights).sum(dim=(-1, -2))  # [B*nH, Dh, Lq]
+        term = _WeightedBilinearSamples.apply(
+            value_level, grid_level, weights[:, :, level]
+        )  # [B*nH, Dh, Lq]
+        output = term if output is None else output + term
     return output.view(batch, num_heads * head_dim, num_queries).transpose(1, 2).contiguous()
 
 
@@ -234,11 +274,11 @@ class MSDeformAttnEncoder(nn.Module):
                 for _ in range(num_layers)
             ]
         )
-        # level embeddings only matter inside attention; without layers they would be unused
-        # parameters, which DistributedDataParallel rejects
-        self.level_embed = nn.Parameter(torch.empty(n_levels, d_model)) if num_layers else None
-        if self.level_embed is not None:
-            nn.init.normal_(self.level_embed)
+        # kept also without layers, as the release (its checkpoints hold the key); it then
+        # reaches no output, so it is frozen: DistributedDataParallel rejects parameters
+        # without gradient
+        self.level_embed = nn.Parameter(torch.empty(n_levels, d_model), requires_grad=bool(num_layers))
+        nn.init.normal_(self.level_embed)
         for module in self.modules():
             if isinstance(module, MSDeformAttn):
                 module._reset_parameters()
@@ -274,7 +314,7 @@ class MSDeformAttnEncoder(nn.Module):
         for level, (src, pos) in enumerate(zip(sources, pos_embeds)):
             shapes.append(src.shape[-2:])
             flat_sources.append(src.flatten(2).transpose(1, 2))
-            if self.level_embed is not None:
+            if self.layers:
                 flat_pos.append(
                     pos.flatten(2).transpose(1, 2) + self.level_embed[level].view(1, 1, -1)
                 )
@@ -408,17 +448,26 @@ class MSDeformAttnPixelDecoder(nn.Module):
                 f"cfg.MODEL.SEM_SEG_HEAD.IN_FEATURES {missing} are not produced by the backbone "
                 f"(it outputs {sorted(input_shape)}); fix IN_FEATURES or MODEL.*.OUT_FEATURES"
             )
+        nheads = cfg.MODEL.MASK_FORMER.NHEADS
+        if head.DEFORMABLE_TRANSFORMER_ENCODER_N_HEADS != nheads:
+            raise ValueError(
+                "cfg.MODEL.SEM_SEG_HEAD.DEFORMABLE_TRANSFORMER_ENCODER_N_HEADS="
+                f"{head.DEFORMABLE_TRANSFORMER_ENCODER_N_HEADS} differs from "
+                f"cfg.MODEL.MASK_FORMER.NHEADS={nheads}: as in the released Mask2Former, the "
+                "deformable encoder uses MASK_FORMER.NHEADS heads; set both to the same value."
+            )
         return {
             "input_shape": {k: v for k, v in input_shape.items() if k in head.IN_FEATURES},
             "conv_dim": head.CONVS_DIM,
             "mask_dim": head.MASK_DIM,
             "norm": head.NORM,
             "transformer_dropout": cfg.MODEL.MASK_FORMER.DROPOUT,
-            "transformer_nheads": head.DEFORMABLE_TRANSFORMER_ENCODER_N_HEADS,
+            "transformer_nheads": nheads,
             # Mask2Former uses a 1024-wide FFN in the pixel-decoder encoder
             "transformer_dim_feedforward": 1024,
             "transformer_enc_layers": head.TRANSFORMER_ENC_LAYERS,
             "transformer_in_features": list(head.DEFORMABLE_TRANSFORMER_ENCODER_IN_FEATURES),
+            # the release hard-codes 4 points, this key's default
             "transformer_n_points": head.DEFORMABLE_TRANSFORMER_ENCODER_N_POINTS,
             "common_stride": head.COMMON_STRIDE,
         }

@@ -196,7 +196,7 @@ class OpenSegMaskFormer(nn.Module):
             "semantic_on": mask_former.TEST.SEMANTIC_ON,
             "panoptic_on": mask_former.TEST.PANOPTIC_ON,
             "instance_on": mask_former.TEST.INSTANCE_ON,
-            "test_topk_per_image": mask_former.TEST.DETECTIONS_PER_IMAGE,
+            "test_topk_per_image": cfg.TEST.DETECTIONS_PER_IMAGE,
             "class_agnostic": class_agnostic,
             "oracles": OracleSwitches.from_config(cfg),
         }
