@@ -338,8 +338,9 @@ class OpenCLIPResNetBackbone(OpenCLIPBackbone):
         only to the tokens inside the mask (keys and values: token + resized spatial position
         embedding), then the output projection. Attention to token j is proportional to
         weights_j * exp(score_j), so binary weights are the release's masked attention; an
-        empty mask attends to nothing and embeds to the output projection's bias (what
-        PyTorch's fully masked attention gives the release).
+        empty mask attends to nothing and embeds to the output projection's bias (what the
+        installed PyTorch's fully masked attention gives the release; older versions give NaN,
+        which its ENSEMBLE_ON_VALID_MASK then ignores).
 
         [B, C5, h, w] res5, [B, Q, h, w] weights -> [B, Q, E]."""
         pool = self.clip_model.visual.attnpool
