@@ -10,7 +10,7 @@ within 1e-5 of their magnitude:
 
 * the last decoder prediction (res2-res5 of the ResNet feed the pixel decoder);
 * out-of-vocabulary logits (the attention pool restricted to each mask) and the ensembled
-  log-probabilities;
+  log-probabilities; the attention pool on hand-made (empty, full, one-cell) masks;
 * semantic scores, panoptic segments and instance masks / classes / scores.
 """
 from pathlib import Path
@@ -136,6 +136,16 @@ def test_out_of_vocabulary_and_ensembled_logits_match(model, reference):
     # and so is the pool with its query and keys but without the mask
     unmasked = model.embedding_logits(model.backbone.embed_masks(features, torch.ones_like(masks)))
     assert (unmasked - reference["out_vocab_logits"][..., :-1]).abs().max() > 1e-2
+
+
+def test_attention_pool_on_empty_full_and_single_cell_masks_matches(model, reference):
+    """The release's `visual_prediction_forward` on hand-made masks (an empty one included)."""
+    features = _heads(model, reference)[CLIP_POOLING_FEATURES]
+    masks = reference["pool_masks"]
+    assert not masks[0, 0].any() and masks[0, 1].all() and int(masks[1, 0].sum()) == 1
+    with torch.no_grad():
+        embedded = model.backbone.embed_masks(features, masks)
+    assert_close(embedded, reference["pool_embeddings"], "attention-pool embeddings")
 
 
 def test_postprocessing_matches(model, reference):

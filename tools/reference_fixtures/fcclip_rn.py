@@ -17,9 +17,9 @@ Saved (`fixtures.pt`, inference only; the training step does not touch the froze
 the state dict (release names, float16 values), vocabularies, images / output sizes; the
 last decoder prediction; the out-of-vocabulary logits (the attention pool on each mask);
 the ensembled log-probabilities handed to post-processing (with the release's
-ENSEMBLE_ON_VALID_MASK; the tiny model's queries rarely miss the 3 x 4 CLIP grid, so an empty
-mask is checked by hand in `tests/test_fcclip_rn.py`); the semantic / panoptic / instance
-results. The generator refuses weights whose results could flip under rounding noise.
+ENSEMBLE_ON_VALID_MASK); the release's attention pool (`visual_prediction_forward`) on
+hand-made masks (an empty, a full and a one-cell mask besides the predicted ones: the tiny
+model's queries rarely miss the 3 x 4 CLIP grid); the semantic / panoptic / instance results. The generator refuses weights whose results could flip under rounding noise.
 """
 import json
 import os
@@ -52,7 +52,7 @@ from .fcclip import (
     _set_metadata,
 )
 
-SEED = 2207
+SEED = 2522
 OPEN_CLIP_NAME = "fixture_rn_tiny"  # contains "rn" and no "convnext": the release's ResNet path
 TINY_CONFIG = Path(__file__).resolve().parents[2] / "projects/fcclip/open_clip_configs/openseg-fcclip-tiny-rn.json"
 RELEASE_CONFIG = "configs/coco/panoptic-segmentation/fcclip/fcclip_convnext_large_eval_ade20k_r50.yaml"
@@ -206,6 +206,16 @@ def _attempt(reference: Path, seed: int) -> dict:
     predicted = {s["category_id"] for p in panoptic for s in p["segments_info"]}
     if not any(seen[c] for c in predicted) or all(seen[c] for c in predicted):
         raise _Unstable(f"panoptic classes {sorted(predicted)} must include seen and unseen ones")
+    # the release's masked attention pool on hand-made masks as well: the final masks on the
+    # CLIP grid with one empty and one full mask and one single cell
+    clip_feature = captured["clip"][-1]
+    pool_masks = (at_clip > 0).to(at_clip.dtype)
+    pool_masks[0, 0] = 0.0
+    pool_masks[0, 1] = 1.0
+    pool_masks[1, 0] = 0.0
+    pool_masks[1, 0, 1, 2] = 1.0
+    with torch.no_grad():
+        pool_embeddings = model.backbone.visual_prediction_forward(clip_feature, pool_masks)
     instances = []
     for r in results:
         inst = r["instances"]
@@ -234,6 +244,8 @@ def _attempt(reference: Path, seed: int) -> dict:
         "last_layer": last,
         "clip_size": clip_size,
         "out_vocab_logits": out_vocab,
+        "pool_masks": pool_masks,
+        "pool_embeddings": pool_embeddings,
         "ensembled": [e.clone() for e in ensembled],
         "sem_seg": [r["sem_seg"].clone() for r in results],
         "panoptic": panoptic,
