@@ -13,13 +13,15 @@ ResNet are moved off their initial values as well.
 Stubs as in `fcclip.py`: the backbone's channel list (the release hard-codes it by model
 name) and the batch-first `encode_text`.
 
-Saved (`fixtures.pt`, inference only; the training step does not touch the frozen ResNet):
+Saved (`fixtures.pt`, inference only: the frozen CLIP only feeds features to training, whose
+step the ConvNeXt fixtures check):
 the state dict (release names, float16 values), vocabularies, images / output sizes; the
 last decoder prediction; the out-of-vocabulary logits (the attention pool on each mask);
 the ensembled log-probabilities handed to post-processing (with the release's
 ENSEMBLE_ON_VALID_MASK); the release's attention pool (`visual_prediction_forward`) on
 hand-made masks (an empty, a full and a one-cell mask besides the predicted ones: the tiny
-model's queries rarely miss the 3 x 4 CLIP grid); the semantic / panoptic / instance results. The generator refuses weights whose results could flip under rounding noise.
+model's queries rarely miss the 3 x 4 CLIP grid); the semantic / panoptic / instance results.
+The generator refuses weights whose results could flip under rounding noise.
 """
 import json
 import os

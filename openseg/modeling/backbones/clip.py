@@ -2,8 +2,9 @@
 
 ConvNeXt CLIPs give res2-res5 straight from the timm trunk stages (as FC-CLIP, Yu et al.
 NeurIPS 2023, Sec. 3); OpenAI's ModifiedResNet CLIPs (RN50, RN101, RN50x4/x16/x64) from
-their four residual layers (FC-CLIP's ResNet-CLIP variants, Sec. 4). ViT CLIPs give one stride-16 token map, turned into a simple
-feature pyramid (ViTDet, Li et al. ECCV 2022, Sec. 3) by small trainable (de)convolutions.
+their four residual layers (FC-CLIP's ResNet-CLIP variants, Sec. 4). ViT CLIPs give one
+stride-16 token map, turned into a simple feature pyramid (ViTDet, Li et al. ECCV 2022,
+Sec. 3) by small trainable (de)convolutions.
 
 `dense_clip_features` keeps CLIP's joint image-text space per pixel so masks can be
 classified against text embeddings: the ConvNeXt head (norm + projection) is applied to
@@ -299,7 +300,8 @@ class OpenCLIPResNetBackbone(OpenCLIPBackbone):
         features = {}
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
             x = visual.stem(images)
-            for name, layer in zip(PYRAMID_LEVELS, (visual.layer1, visual.layer2, visual.layer3, visual.layer4)):
+            layers = (visual.layer1, visual.layer2, visual.layer3, visual.layer4)
+            for name, layer in zip(PYRAMID_LEVELS, layers):
                 x = layer(x)
                 features[name] = x
         features[CLIP_DENSE_INPUT] = features["res5"]
