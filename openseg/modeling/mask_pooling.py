@@ -6,6 +6,8 @@ classify the pooled vector against text embeddings. FC-CLIP's release binarises 
 logits (> 0) after bilinearly resizing them to the feature grid and divides by the mask area
 plus 1e-8 (an empty mask pools to the zero vector); no gradient flows through the masks.
 """
+from typing import Tuple
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -23,11 +25,15 @@ def weighted_mask_pool(features: Tensor, weights: Tensor) -> Tensor:
     return pooled / (total[..., None] + 1e-8)
 
 
+def binarised_masks(mask_logits: Tensor, size: Tuple[int, int]) -> Tensor:
+    """FC-CLIP's masks on a feature grid: [B, Q, H, W] logits bilinearly resized to `size`
+    (align_corners False), > 0, as float 0 / 1 without gradient."""
+    if tuple(mask_logits.shape[-2:]) != tuple(size):
+        mask_logits = F.interpolate(mask_logits, size=size, mode="bilinear", align_corners=False)
+    return (mask_logits.detach() > 0).to(mask_logits.dtype)
+
+
 def mask_pool(features: Tensor, mask_logits: Tensor) -> Tensor:
     """FC-CLIP's mask pooling: [B, C, h, w] features, [B, Q, H, W] mask logits -> [B, Q, C],
     the mean of the features where the logits, bilinearly resized to (h, w), are > 0."""
-    if mask_logits.shape[-2:] != features.shape[-2:]:
-        mask_logits = F.interpolate(
-            mask_logits, size=features.shape[-2:], mode="bilinear", align_corners=False
-        )
-    return weighted_mask_pool(features, (mask_logits.detach() > 0).to(features.dtype))
+    return weighted_mask_pool(features, binarised_masks(mask_logits, features.shape[-2:]))

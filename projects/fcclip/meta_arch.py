@@ -11,9 +11,10 @@ What is new with respect to `OpenSegMaskFormer` (Sec. 3), computed as the releas
   through a 3-layer MLP into CLIP's space, against the text embeddings and a learned void
   embedding, with a learned temperature (replaces the decoder's `class_predictor`; the
   release runs it after every decoder layer, so deep supervision trains it);
-- out-of-vocabulary classifier (test time only, Sec. 3.3): the frozen CLIP's res5 after
-  `norm_pre`, averaged inside each mask (bilinearly resized to the res5 grid, > 0), then
-  the CLIP image head, against the same text embeddings with CLIP's logit scale;
+- out-of-vocabulary classifier (test time only, Sec. 3.3): each mask bilinearly resized to
+  the CLIP res5 grid, > 0; ConvNeXt CLIPs average res5 (after `norm_pre`) inside it, then
+  the CLIP image head; ResNet CLIPs run their attention pool restricted to it
+  (`OpenCLIPBackbone.embed_masks`); against the same text embeddings with CLIP's logit scale;
 - geometric ensemble (Sec. 3.3) weighted by alpha for seen classes and beta for unseen
   ones; seen = the release's exact-synonym overlap with the training vocabulary, which also
   gives the test set's `class_splits` (PQ_seen / PQ_unseen).
@@ -37,7 +38,7 @@ from openseg.data.splits import exact_synonym_split, seen_unseen_split, store_cl
 from openseg.data.vocab import FCCLIP_PROMPT_TEMPLATES, Vocabulary, get_vocabulary, release_vocabulary
 from openseg.modeling.backbones import OpenCLIPBackbone
 from openseg.modeling.mask_decoder import MLP
-from openseg.modeling.mask_pooling import mask_pool, weighted_mask_pool
+from openseg.modeling.mask_pooling import binarised_masks, mask_pool
 from openseg.modeling.meta_arch import OpenSegMaskFormer
 from openseg.modeling.oracles import IMPOSSIBLE_LOGIT
 from openseg.modeling.text import (
@@ -310,18 +311,25 @@ class FCCLIP(OpenSegMaskFormer):
             outputs[CLIP_POOLING_FEATURES] = self.backbone.pooling_features(features)
         return outputs
 
-    def clip_logits(self, pooled: Tensor) -> Tensor:
-        """[..., C] vectors pooled from the CLIP features -> [..., K_test] logits: CLIP image
-        head, cosine similarity to every synonym with CLIP's own scale, max over synonyms."""
-        embedded = F.normalize(self.backbone.embed_pooled(pooled), dim=-1)
+    def embedding_logits(self, embeddings: Tensor) -> Tensor:
+        """[..., E] CLIP image embeddings -> [..., K_test] logits: cosine similarity to every
+        synonym with CLIP's own scale, max over synonyms."""
+        embedded = F.normalize(embeddings, dim=-1)
         scale = self.backbone.clip_model.logit_scale.exp().clamp(max=100.0)
         logits = scale * embedded @ self.test_text_embeddings.to(embedded.dtype).T
         return max_over_synonyms(logits, synonym_counts(self.test_vocabulary))
 
+    def clip_logits(self, pooled: Tensor) -> Tensor:
+        """[..., C] vectors pooled from the CLIP features -> [..., K_test] logits through the
+        CLIP image head (`embed_pooled`)."""
+        return self.embedding_logits(self.backbone.embed_pooled(pooled))
+
     def out_of_vocabulary_logits(self, clip_features: Tensor, mask_logits: Tensor) -> Tensor:
-        """[B, C, h, w] CLIP features, [B, Q, H, W] mask logits -> [B, Q, K] logits of the
-        features averaged inside each mask (FC-CLIP's mask pooling, then the CLIP head)."""
-        return self.clip_logits(mask_pool(clip_features, mask_logits))
+        """[B, C, h, w] CLIP features, [B, Q, H, W] mask logits -> [B, Q, K] logits of each
+        mask's region (binarised on the CLIP grid, then `embed_masks`: mean + CLIP head for
+        ConvNeXt, the masked attention pool for ResNet)."""
+        masks = binarised_masks(mask_logits, clip_features.shape[-2:]).to(clip_features.dtype)
+        return self.embedding_logits(self.backbone.embed_masks(clip_features, masks))
 
     def postprocess(self, outputs: Dict, batched_inputs: List[Dict], images: ImageList) -> List[Dict]:
         """Replace the class logits by the ensemble of both classifiers, then post-process
@@ -344,11 +352,13 @@ class FCCLIP(OpenSegMaskFormer):
         self, outputs: Dict, image_index: int, masks: Tensor, mask_cls: Tensor,
         mask_pred: Tensor, image_size: Tuple[int, int],
     ) -> Tensor:
-        """The CLIP head on given masks (the segmentation oracle's classifier): CLIP features
-        averaged with each mask's coverage of every feature cell, then the CLIP head, against
-        the test vocabulary. Returns [M, K+1] log-probabilities, no-object impossible."""
+        """The CLIP head on given masks (the segmentation oracle's classifier): `embed_masks`
+        with each mask's coverage of every feature cell as weights (ConvNeXt: coverage-weighted
+        mean, then the CLIP head; ResNet: attention pool weighted by coverage), against the test
+        vocabulary. Returns [M, K+1] log-probabilities, no-object impossible."""
         features = outputs[CLIP_POOLING_FEATURES][image_index : image_index + 1]
         coverage = F.interpolate(masks[None].float(), size=features.shape[-2:], mode="area")
-        logits = self.clip_logits(weighted_mask_pool(features, coverage))[0].log_softmax(-1)
+        embedded = self.backbone.embed_masks(features, coverage.to(features.dtype))
+        logits = self.embedding_logits(embedded)[0].log_softmax(-1)
         void = logits.new_full((logits.shape[0], 1), IMPOSSIBLE_LOGIT)
         return torch.cat([logits, void], dim=-1).to(mask_cls.dtype)

@@ -1,13 +1,17 @@
 """Frozen open_clip image/text encoders as a detectron2 backbone.
 
 ConvNeXt CLIPs give res2-res5 straight from the timm trunk stages (as FC-CLIP, Yu et al.
-NeurIPS 2023, Sec. 3). ViT CLIPs give one stride-16 token map, turned into a simple
-feature pyramid (ViTDet, Li et al. ECCV 2022, Sec. 3) by small trainable (de)convolutions.
+NeurIPS 2023, Sec. 3); OpenAI's ModifiedResNet CLIPs (RN50, RN101, RN50x4/x16/x64) from
+their four residual layers (FC-CLIP's ResNet-CLIP variants, Sec. 4). ViT CLIPs give one
+stride-16 token map, turned into a simple feature pyramid (ViTDet, Li et al. ECCV 2022,
+Sec. 3) by small trainable (de)convolutions.
 
 `dense_clip_features` keeps CLIP's joint image-text space per pixel so masks can be
 classified against text embeddings: the ConvNeXt head (norm + projection) is applied to
 every res5 pixel instead of the pooled vector; for ViTs the last block is replaced by its
 value path (MaskCLIP, Zhou et al. ECCV 2022, Sec. 3.2), which keeps each patch local.
+`embed_masks` embeds masked regions: the mean inside each mask through `embed_pooled`
+(ConvNeXt), or the ResNet's attention pool restricted to each mask (FC-CLIP's release).
 
 The architecture comes from open_clip's model configs; weights are only ever read from
 cfg.MODEL.CLIP.PRETRAINED_PATH, never downloaded.
@@ -15,6 +19,7 @@ cfg.MODEL.CLIP.PRETRAINED_PATH, never downloaded.
 
 import difflib
 import logging
+import math
 import os
 from abc import abstractmethod
 from typing import Dict, List, Tuple
@@ -24,10 +29,13 @@ import torch
 import torch.nn.functional as F
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone
+from open_clip.modified_resnet import ModifiedResNet
 from open_clip.timm_model import TimmModel
 from open_clip.transformer import VisionTransformer
 from timm.layers import resample_abs_pos_embed
 from torch import nn
+
+from openseg.modeling.mask_pooling import weighted_mask_pool
 
 logger = logging.getLogger(__name__)
 
@@ -182,6 +190,13 @@ class OpenCLIPBackbone(Backbone):
         """[..., C] vectors pooled from `pooling_features` -> [..., E] CLIP image embeddings."""
         return pooled
 
+    def embed_masks(self, pooling_features: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """CLIP image embeddings of masked regions: [B, C, h, w] `pooling_features`, [B, Q, h, w]
+        non-negative mask weights on that grid (binary for FC-CLIP's out-of-vocabulary
+        classifier, cell coverage for ground-truth masks) -> [B, Q, E]. Default: the weighted
+        mean inside each mask through `embed_pooled` (FC-CLIP pools before the head)."""
+        return self.embed_pooled(weighted_mask_pool(pooling_features, weights))
+
 
 class OpenCLIPConvNeXtBackbone(OpenCLIPBackbone):
     """CLIP with a timm ConvNeXt trunk: res2-res5 are the outputs of its four stages."""
@@ -252,6 +267,105 @@ class OpenCLIPConvNeXtBackbone(OpenCLIPBackbone):
             if hasattr(timm_head, name):
                 x = getattr(timm_head, name)(x)
         return visual.head(x).permute(0, 3, 1, 2)
+
+
+class OpenCLIPResNetBackbone(OpenCLIPBackbone):
+    """CLIP with OpenAI's ModifiedResNet image tower (RN50, RN101, RN50x4, RN50x16, RN50x64).
+
+    As FC-CLIP's release (`extract_features_resnet`): the three-convolution stem and its
+    average pool give the stride-4 input of `layer1`; res2-res5 are the outputs of
+    layer1-layer4 (channels 4 x width x 1, 2, 4, 8: 256-2048 for RN50 / RN101, 320-2560
+    RN50x4, 384-3072 RN50x16, 512-4096 RN50x64). The out-of-vocabulary classifier reads res5,
+    the attention pool's input, and embeds masked regions with that attention pool
+    (`embed_masks`)."""
+
+    def __init__(
+        self, model_name: str, pretrained_path: str, frozen: bool, out_features: List[str],
+        tokenizer_path: str = "",
+    ):
+        super().__init__(model_name, pretrained_path, frozen, out_features, tokenizer_path)
+        visual = self.clip_model.visual
+        if not isinstance(visual, ModifiedResNet):
+            raise ValueError(
+                f"cfg.MODEL.CLIP.MODEL_NAME={model_name!r}: image tower {type(visual).__name__} is "
+                "not open_clip's ModifiedResNet"
+            )
+        layers = (visual.layer1, visual.layer2, visual.layer3, visual.layer4)
+        self._out_feature_channels = {
+            name: layer[-1].bn3.num_features for name, layer in zip(PYRAMID_LEVELS, layers)
+        }
+
+    def _pyramid(self, images: torch.Tensor) -> Dict[str, torch.Tensor]:
+        visual = self.clip_model.visual
+        features = {}
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
+            x = visual.stem(images)
+            layers = (visual.layer1, visual.layer2, visual.layer3, visual.layer4)
+            for name, layer in zip(PYRAMID_LEVELS, layers):
+                x = layer(x)
+                features[name] = x
+        features[CLIP_DENSE_INPUT] = features["res5"]
+        return features
+
+    def pooling_features(self, features: Dict[str, torch.Tensor]) -> torch.Tensor:
+        """res5 [B, C5, h, w], the attention pool's input (the release's `clip_vis_dense`)."""
+        return features[CLIP_DENSE_INPUT]
+
+    def embed_pooled(self, pooled: torch.Tensor) -> torch.Tensor:
+        """[..., C5] -> [..., E]: the attention pool's value path alone (value projection, then
+        output projection), what the pool returns when it attends to a single token; MaskCLIP's
+        rule for ResNet CLIPs (Zhou et al. ECCV 2022, Sec. 3.2)."""
+        pool = self.clip_model.visual.attnpool
+        return pool.c_proj(pool.v_proj(pooled))
+
+    def dense_clip_features(self, features: Dict[str, torch.Tensor]) -> torch.Tensor:
+        """`embed_pooled` on every res5 pixel: [B, E, h, w]."""
+        x = features[CLIP_DENSE_INPUT].permute(0, 2, 3, 1)
+        return self.embed_pooled(x).permute(0, 3, 1, 2)
+
+    def _spatial_position(self, height: int, width: int) -> torch.Tensor:
+        """The attention pool's spatial position embeddings bilinearly resized to (height,
+        width) (align_corners False, as the release): [height * width, C5]."""
+        position = self.clip_model.visual.attnpool.positional_embedding[1:]
+        grid = int(round(math.sqrt(position.shape[0])))
+        position = position.T.reshape(1, -1, grid, grid)
+        if (grid, grid) != (height, width):
+            position = F.interpolate(position, size=(height, width), mode="bilinear", align_corners=False)
+        return position.flatten(2)[0].T
+
+    def embed_masks(self, pooling_features: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """FC-CLIP's out-of-vocabulary embedding for ResNet CLIPs (its release,
+        `visual_prediction_forward_resnet`; the paper is silent): one attention-pool query per
+        mask, the mean of all res5 tokens plus the pool's first position embedding, attends
+        only to the tokens inside the mask (keys and values: token + resized spatial position
+        embedding), then the output projection. Attention to token j is proportional to
+        weights_j * exp(score_j), so binary weights are the release's masked attention; an
+        empty mask attends to nothing and embeds to the output projection's bias (what the
+        installed PyTorch's fully masked attention gives the release; older versions give NaN,
+        which its ENSEMBLE_ON_VALID_MASK then ignores).
+
+        [B, C5, h, w] res5, [B, Q, h, w] weights -> [B, Q, E]."""
+        pool = self.clip_model.visual.attnpool
+        batch, channels, height, width = pooling_features.shape
+        heads = pool.num_heads
+        tokens = pooling_features.flatten(2).transpose(1, 2)  # [B, hw, C]
+        position = pool.positional_embedding.to(tokens.dtype)
+        keys = tokens + self._spatial_position(height, width).to(tokens.dtype)
+        query = tokens.mean(1, keepdim=True) + position[:1]  # [B, 1, C]
+
+        def split_heads(x: torch.Tensor) -> torch.Tensor:
+            return x.reshape(batch, x.shape[1], heads, channels // heads).transpose(1, 2)
+
+        q = split_heads(pool.q_proj(query))  # [B, heads, 1, d]
+        k = split_heads(pool.k_proj(keys))  # [B, heads, hw, d]
+        v = split_heads(pool.v_proj(keys))
+        scores = (q * (channels // heads) ** -0.5) @ k.transpose(-2, -1)  # [B, heads, 1, hw]
+        weights = weights.to(tokens.dtype).flatten(2)[:, None]  # [B, 1, Q, hw]
+        attention = (scores + weights.log()).softmax(-1)  # [B, heads, Q, hw]
+        empty = (weights > 0).sum(-1, keepdim=True) == 0
+        attention = attention.masked_fill(empty, 0.0)
+        attended = (attention @ v).transpose(1, 2).reshape(batch, -1, channels)  # [B, Q, C]
+        return pool.c_proj(attended)
 
 
 def simple_pyramid_channels(width: int) -> Dict[str, int]:
@@ -448,7 +562,8 @@ class OpenCLIPTimmViTBackbone(OpenCLIPBackbone):
 
 @BACKBONE_REGISTRY.register()
 def build_openclip_backbone(cfg, input_shape: ShapeSpec) -> OpenCLIPBackbone:
-    """Frozen open_clip backbone chosen by cfg.MODEL.CLIP.MODEL_NAME (ConvNeXt or ViT tower)."""
+    """Frozen open_clip backbone chosen by cfg.MODEL.CLIP.MODEL_NAME (ConvNeXt, ModifiedResNet
+    or ViT tower)."""
     clip_cfg = cfg.MODEL.CLIP
     if input_shape is not None and input_shape.channels not in (None, 3):
         raise ValueError(
@@ -467,6 +582,8 @@ def build_openclip_backbone(cfg, input_shape: ShapeSpec) -> OpenCLIPBackbone:
         return OpenCLIPTimmViTBackbone(*args)
     if "timm_model_name" in vision_cfg:
         return OpenCLIPConvNeXtBackbone(*args)
+    if isinstance(vision_cfg.get("layers"), (list, tuple)):
+        return OpenCLIPResNetBackbone(*args)
     if "hf_model_name" in vision_cfg:
         raise ValueError(
             f"cfg.MODEL.CLIP.MODEL_NAME={clip_cfg.MODEL_NAME!r}: Hugging Face vision towers are not supported"
