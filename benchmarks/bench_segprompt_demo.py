@@ -2,7 +2,7 @@
 
 The paper's claim is AR_unseen(SegPrompt) > AR_unseen(class-agnostic) > AR_unseen(class-aware).
 For each seed this trains, on openseg_demo_ow_train, and scores with the open-world class-wise
-AR on openseg_demo_ow_val_large (320 images, ~200 unseen crosses; `--val` to change):
+AR on openseg_demo_ow_val_large (320 images, 232 unseen crosses; `--val` to change):
 
 protocol "scratch" (equal budget, every model from scratch for `--iters`):
 - class-aware Mask2Former (configs/demo/segprompt_R18_class_aware.yaml),
