@@ -268,6 +268,29 @@ def test_demo_open_world_split():
     assert Path(meta.json_file).exists()
 
 
+def test_demo_open_world_large_val_extends_val(tmp_path, monkeypatch):
+    """openseg_demo_ow_val_large (the SegPrompt demo benchmark's test set) starts with the very
+    images and labels of openseg_demo_ow_val, crosses included, in its own directory; a 40-image
+    version keeps the test fast."""
+    from openseg.data.datasets import lvis_ow
+
+    monkeypatch.setattr(lvis_ow, "DEMO_OW_LARGE_VAL", 40)
+    large = lvis_ow.load_demo_ow_val_large(tmp_path)
+    val = DatasetCatalog.get("openseg_demo_ow_val")
+    assert len(large) == 40 and len(val) == 32
+    assert all(Path(d["file_name"]).is_relative_to(tmp_path) for d in large)
+    for small, big in zip(val, large):
+        assert Path(small["file_name"]).name == Path(big["file_name"]).name
+        assert small["image_id"] == big["image_id"]
+        assert [(a["category_id"], a["segmentation"]) for a in small["annotations"]] == [
+            (a["category_id"], a["segmentation"]) for a in big["annotations"]
+        ]
+    assert 3 in {a["category_id"] for d in large[32:] for a in d["annotations"]}
+    meta = MetadataCatalog.get("openseg_demo_ow_val_large")
+    assert meta.class_splits == {"known": [0, 1], "seen": [2], "unseen": [3]}
+    assert meta.evaluators == ["open_world_ar"]
+
+
 @pytest.mark.parametrize(
     "config, train, num_classes, agnostic, segprompt",
     [

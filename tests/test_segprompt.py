@@ -546,6 +546,33 @@ def test_lvis_ow_iteration_budgets_are_the_releases():
     assert segprompt.MODEL.WEIGHTS.endswith("maskformer_R50_class_agnostic/model_final.pth")
 
 
+def test_lvis_ow_segprompt_loads_the_baseline_checkpoint(tmp_path):
+    """configs/lvis_ow/segprompt_R50.yaml starts from the class-agnostic baseline's
+    model_final.pth, which has no prompt cache or prompt-query tables: the config exempts
+    exactly those from strict loading, and every baseline tensor is loaded."""
+    from openseg.checkpoint import CheckpointError, OpenSegCheckpointer
+
+    root = Path(__file__).resolve().parents[1] / "configs" / "lvis_ow"
+    allow = load_config(str(root / "segprompt_R50.yaml")).MODEL.WEIGHTS_ALLOW_MISSING
+    torch.manual_seed(0)
+    baseline = build_model(tiny_cfg(AUXILIARY="none"))
+    path = tmp_path / "model_final.pth"
+    torch.save({"model": baseline.state_dict()}, path)
+    with pytest.raises(CheckpointError, match="missing"):
+        OpenSegCheckpointer(build_model(tiny_cfg())).load(str(path))
+    torch.manual_seed(1)
+    model = build_model(tiny_cfg())
+    OpenSegCheckpointer(model, allow_missing=allow).load(str(path))
+    state = model.state_dict()
+    assert set(state) - set(baseline.state_dict()) == {
+        "prompt_cache.prompts",
+        "query_builder.class_content.weight",
+        "query_builder.class_pos.weight",
+    }
+    for key, value in baseline.state_dict().items():
+        assert torch.equal(state[key], value), key
+
+
 def test_release_checkpoint_loads(tmp_path):
     """A state dict in the release's `SegPrompt` layout (names from its
     segprompt_transformer_decoder.py: 1204-row id tables with a padding row, an 81-way

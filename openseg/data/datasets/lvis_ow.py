@@ -13,6 +13,9 @@ LVIS re-splits COCO 2017, so about 15k COCO train2017 images are LVIS val images
 `openseg_demo_ow_{train,val}`: the same protocol on the embedded demo shapes (thing classes
 only): circle and square are known, triangle is seen (in training images, labels dropped),
 cross is unseen (never in training images), so open-world methods train on CPU in minutes.
+`openseg_demo_ow_val_large`: the same val protocol on DEMO_OW_LARGE_VAL images (the first 32 are
+`openseg_demo_ow_val`'s), generated in their own directory, so the unseen AR of the demo
+benchmark rests on 232 crosses rather than 21.
 """
 
 import json
@@ -24,7 +27,7 @@ from detectron2.data import DatasetCatalog
 
 from .coco import coco_instance_metadata
 from .common import coco_instance_dicts, register_lazy, require
-from .demo import DEMO_DIRNAME, THING_CLASSES, split_paths
+from .demo import DEMO_DIRNAME, THING_CLASSES, generate_demo, load_demo, split_paths
 from .lvis import lvis_v1_metadata
 
 PREPARE = (
@@ -39,6 +42,8 @@ COCO_LVIS_TRAIN = "coco_lvis_train.json"
 LVIS_OW_CLASS_LISTS = Path(__file__).resolve().parents[1] / "lvis_ow_classes.json"
 
 DEMO_OW_SPLITS = {"known": [0, 1], "seen": [2], "unseen": [3]}  # circle, square | triangle | cross
+DEMO_OW_LARGE_DIRNAME = "openseg_demo_ow_large"
+DEMO_OW_LARGE_VAL = 320
 
 
 def load_lvis_ow(root: Path, split: str) -> List[dict]:
@@ -91,9 +96,18 @@ def load_demo_ow(root: Path, split: str) -> List[dict]:
     ]
 
 
+def load_demo_ow_val_large(root: Path) -> List[dict]:
+    """Instance dicts of the large demo val split (all thing labels, as openseg_demo_ow_val)."""
+    demo_dir = generate_demo(root / DEMO_OW_LARGE_DIRNAME, num_train=0, num_val=DEMO_OW_LARGE_VAL)
+    return [
+        {key: d[key] for key in ("file_name", "image_id", "height", "width", "annotations")}
+        for d in load_demo(demo_dir, "val")
+    ]
+
+
 def register_all_lvis_ow(root: Path) -> None:
     """Register openseg_lvis_ow_{train,test}, openseg_coco_lvis_train and
-    openseg_demo_ow_{train,val}."""
+    openseg_demo_ow_{train,val,val_large}."""
     root = Path(root)
     register_lazy(
         "openseg_coco_lvis_train",
@@ -127,3 +141,14 @@ def register_all_lvis_ow(root: Path) -> None:
             json_file=split_paths(demo_dir, split)["json_file"],
             image_root=split_paths(demo_dir, split)["image_root"],
         )
+    large_dir = root / DEMO_OW_LARGE_DIRNAME / DEMO_DIRNAME
+    register_lazy(
+        "openseg_demo_ow_val_large",
+        partial(load_demo_ow_val_large, root),
+        thing_classes=list(THING_CLASSES),
+        thing_dataset_id_to_contiguous_id={i + 1: i for i in range(len(THING_CLASSES))},
+        class_splits={k: list(v) for k, v in DEMO_OW_SPLITS.items()},
+        evaluators=["open_world_ar"],
+        json_file=split_paths(large_dir, "val")["json_file"],
+        image_root=split_paths(large_dir, "val")["image_root"],
+    )
