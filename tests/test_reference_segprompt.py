@@ -21,8 +21,6 @@ the tensor scale:
   the release's ran from, so both sample the same points.
 """
 
-from pathlib import Path
-
 import pytest
 import torch
 from detectron2.data import MetadataCatalog
@@ -33,7 +31,8 @@ from openseg.projects.segprompt import meta_arch as segprompt_meta_arch
 from openseg.projects.segprompt.checkpoint import release_to_openseg
 from openseg.projects.segprompt.meta_arch import concat_query_outputs
 
-FIXTURE = Path(__file__).parent / "fixtures" / "reference" / "segprompt" / "fixtures.pt"
+from reference_utils import load_reference, one_thread  # noqa: F401  (one_thread: autouse fixture)
+
 DATASET = "openseg_reference_segprompt_fixture"
 NUM_LVIS_CLASSES = 1203
 TOLERANCE = 1e-5
@@ -41,15 +40,7 @@ TOLERANCE = 1e-5
 
 @pytest.fixture(scope="module")
 def reference():
-    return torch.load(FIXTURE, weights_only=False)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    return load_reference("segprompt")
 
 
 @pytest.fixture(scope="module")
