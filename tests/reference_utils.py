@@ -68,6 +68,20 @@ def detectron2_inputs(reference: Mapping[str, Any], with_targets: bool = False) 
     return inputs
 
 
+def assert_predictions_match(
+    outputs: Mapping[str, Any],
+    expected: List[Mapping[str, torch.Tensor]],
+    close: Callable[[torch.Tensor, torch.Tensor, str], None] = assert_close,
+) -> None:
+    """`pred_logits` and `pred_masks` of every decoder prediction (deep-supervision levels
+    first, then the final one) against the release's, level for level and as many levels."""
+    ours = outputs["aux_outputs"] + [outputs]
+    assert len(ours) == len(expected)
+    for index, (mine, theirs) in enumerate(zip(ours, expected)):
+        for key in ("pred_logits", "pred_masks"):
+            close(mine[key], theirs[key], f"prediction {index} {key}")
+
+
 def assert_postprocessing_matches(
     results: List[Dict[str, Any]],
     reference: Mapping[str, Any],

@@ -38,6 +38,7 @@ from openseg.projects.maftplus.tiny_clip import TINY_CLIP_MODEL_NAME
 import reference_utils
 from reference_utils import (  # noqa: F401  (one_thread: autouse fixture)
     assert_postprocessing_matches,
+    assert_predictions_match,
     copy_config,
     detectron2_inputs,
     load_reference,
@@ -144,11 +145,7 @@ def test_checkpoint_format_reads_and_writes_the_release(reference, tmp_path):
 def test_every_decoder_prediction_matches(reference):
     model = openseg_model(reference).eval()
     outputs = _heads(model, reference)
-    ours = outputs["aux_outputs"] + [outputs]
-    assert len(ours) == len(reference["layers"])
-    for index, (mine, theirs) in enumerate(zip(ours, reference["layers"])):
-        for key in ("pred_logits", "pred_masks"):
-            assert_close(mine[key], theirs[key], f"prediction {index} {key}")
+    assert_predictions_match(outputs, reference["layers"], close=assert_close)
 
 
 def test_transfer_and_clip_logits_match(reference):

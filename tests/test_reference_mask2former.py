@@ -33,6 +33,7 @@ from openseg.config import load_config
 from reference_utils import (  # noqa: F401  (one_thread: autouse fixture)
     assert_close,
     assert_postprocessing_matches,
+    assert_predictions_match,
     copy_config,
     detectron2_inputs,
     load_reference,
@@ -141,11 +142,7 @@ def _raw_outputs(model, reference):
 def test_every_decoder_layer_matches(reference):
     model = _openseg_model(reference).eval()
     outputs, _ = _raw_outputs(model, reference)
-    ours = outputs["aux_outputs"] + [outputs]
-    assert len(ours) == len(reference["layers"])
-    for index, (mine, theirs) in enumerate(zip(ours, reference["layers"])):
-        for key in ("pred_logits", "pred_masks"):
-            assert_close(mine[key], theirs[key], f"prediction {index} {key}")
+    assert_predictions_match(outputs, reference["layers"])
 
 
 def test_masked_attention_attends_to_the_same_pixels(reference):
