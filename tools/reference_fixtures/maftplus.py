@@ -35,12 +35,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Dict, List, Tuple
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ._stubs import add_reference_to_path
-from .mask2former import _check_assignment_stable, _Unstable
+from .mask2former import _Unstable, recorded_training_step
 
 SEED = 11
 CRITERION_SEED = 4321
@@ -369,34 +368,9 @@ def _attempt(reference: Path, seed: int) -> dict:
 
     # ---------------------------------------------------------------- training step
     model.train()
-    rand_shapes: List[tuple] = []
-    real_rand = torch.rand
-
-    def recording_rand(*size, **kwargs):
-        shape = tuple(size[0]) if len(size) == 1 and isinstance(size[0], (tuple, list)) else tuple(size)
-        rand_shapes.append(shape)
-        return real_rand(*size, **kwargs)
-
-    def seed_and_record(module, args):
-        torch.manual_seed(CRITERION_SEED)
-        torch.rand = recording_rand
-
-    real_lsa = reference_matcher.linear_sum_assignment
-
-    def checked_lsa(cost):
-        _check_assignment_stable(np.asarray(cost), real_lsa)
-        return real_lsa(cost)
-
-    reference_matcher.linear_sum_assignment = checked_lsa
-    pre = model.criterion.register_forward_pre_hook(seed_and_record)
-    post = model.criterion.register_forward_hook(lambda *a: setattr(torch, "rand", real_rand))
-    try:
-        losses = model(_batched_inputs(images, targets))
-    finally:
-        torch.rand = real_rand
-        reference_matcher.linear_sum_assignment = real_lsa
-        pre.remove()
-        post.remove()
+    losses, rand_shapes = recorded_training_step(
+        model, _batched_inputs(images, targets), CRITERION_SEED, reference_matcher
+    )
     model.zero_grad()
     sum(losses.values()).backward()
     gradients = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}

@@ -25,7 +25,8 @@ top-k boundary and Hungarian matchings all keep a margin).
 """
 import sys
 from pathlib import Path
-from typing import Dict, List
+from types import ModuleType
+from typing import Dict, List, Tuple
 
 import numpy as np
 import torch
@@ -180,6 +181,45 @@ def _check_assignment_stable(cost: np.ndarray, linear_sum_assignment) -> None:
         r2, c2 = linear_sum_assignment(cost + rng.uniform(-MARGIN, MARGIN, cost.shape))
         if not (np.array_equal(rows, r2) and np.array_equal(cols, c2)):
             raise _Unstable("Hungarian matching is not stable under 1e-4 noise")
+
+
+def recorded_training_step(
+    model: torch.nn.Module, batched_inputs: List[dict], criterion_seed: int, matcher_module: ModuleType
+) -> Tuple[Dict[str, torch.Tensor], List[tuple]]:
+    """One forward pass of a release's model in training mode: torch is seeded with
+    `criterion_seed` when its criterion starts (so openseg's test can seed its own criterion
+    alike), the shape of every `torch.rand` draw inside the criterion is recorded (the point
+    sampling the test must reproduce), and every Hungarian assignment made through
+    `matcher_module.linear_sum_assignment` must be stable under noise. Returns (losses, shapes)."""
+    rand_shapes: List[tuple] = []
+    real_rand = torch.rand
+
+    def recording_rand(*size, **kwargs):
+        shape = tuple(size[0]) if len(size) == 1 and isinstance(size[0], (tuple, list)) else tuple(size)
+        rand_shapes.append(shape)
+        return real_rand(*size, **kwargs)
+
+    def seed_and_record(module, args):
+        torch.manual_seed(criterion_seed)
+        torch.rand = recording_rand
+
+    real_lsa = matcher_module.linear_sum_assignment
+
+    def checked_lsa(cost):
+        _check_assignment_stable(np.asarray(cost), real_lsa)
+        return real_lsa(cost)
+
+    matcher_module.linear_sum_assignment = checked_lsa
+    pre = model.criterion.register_forward_pre_hook(seed_and_record)
+    post = model.criterion.register_forward_hook(lambda *a: setattr(torch, "rand", real_rand))
+    try:
+        losses = model(batched_inputs)
+    finally:
+        torch.rand = real_rand
+        matcher_module.linear_sum_assignment = real_lsa
+        pre.remove()
+        post.remove()
+    return losses, rand_shapes
 
 
 def _panoptic_ratios(model, mask_cls, mask_pred):
@@ -339,34 +379,9 @@ def _attempt(reference: Path, seed: int) -> dict:
 
     # ---------------------------------------------------------------- training step
     model.train()
-    rand_shapes: List[tuple] = []
-    real_rand = torch.rand
-
-    def recording_rand(*size, **kwargs):
-        shape = tuple(size[0]) if len(size) == 1 and isinstance(size[0], (tuple, list)) else tuple(size)
-        rand_shapes.append(shape)
-        return real_rand(*size, **kwargs)
-
-    def seed_and_record(module, args):
-        torch.manual_seed(CRITERION_SEED)
-        torch.rand = recording_rand
-
-    real_lsa = reference_matcher.linear_sum_assignment
-
-    def checked_lsa(cost):
-        _check_assignment_stable(np.asarray(cost), real_lsa)
-        return real_lsa(cost)
-
-    reference_matcher.linear_sum_assignment = checked_lsa
-    pre = model.criterion.register_forward_pre_hook(seed_and_record)
-    post = model.criterion.register_forward_hook(lambda *a: setattr(torch, "rand", real_rand))
-    try:
-        losses = model(_batched_inputs(images, targets))
-    finally:
-        torch.rand = real_rand
-        reference_matcher.linear_sum_assignment = real_lsa
-        pre.remove()
-        post.remove()
+    losses, rand_shapes = recorded_training_step(
+        model, _batched_inputs(images, targets), CRITERION_SEED, reference_matcher
+    )
     model.zero_grad()
     sum(losses.values()).backward()
     gradients = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
