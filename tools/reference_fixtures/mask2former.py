@@ -131,8 +131,8 @@ def _randomise(model: torch.nn.Module, generator: torch.Generator) -> None:
                 tensor.add_(noise(tensor, 0.1 * float(tensor.std()) + 1e-3))
 
 
-def _images(generator: torch.Generator) -> List[torch.Tensor]:
-    """Smooth uint8 images (bilinearly upsampled noise), so masks have structure."""
+def smooth_images(generator: torch.Generator) -> List[torch.Tensor]:
+    """Smooth uint8 images of IMAGE_SHAPES (bilinearly upsampled noise), so masks have structure."""
     images = []
     for (channels, height, width), _ in IMAGE_SHAPES:
         coarse = torch.rand((1, channels, height // 10 + 2, width // 10 + 2), generator=generator)
@@ -141,8 +141,9 @@ def _images(generator: torch.Generator) -> List[torch.Tensor]:
     return images
 
 
-def _ground_truth(generator: torch.Generator) -> List[Dict[str, torch.Tensor]]:
-    """Per image a few ellipse / band segments (things and stuff) at the image size."""
+def ellipse_ground_truth(generator: torch.Generator, min_width_radius: float = 8) -> List[Dict[str, torch.Tensor]]:
+    """Per image of IMAGE_SHAPES a few ellipse / band segments (things and stuff) at the image
+    size; ellipses are at least `min_width_radius` pixels wide on either side of the centre."""
     targets = []
     for index, ((_, height, width), _) in enumerate(IMAGE_SHAPES):
         ys, xs = torch.meshgrid(torch.arange(height).float(), torch.arange(width).float(), indexing="ij")
@@ -152,7 +153,7 @@ def _ground_truth(generator: torch.Generator) -> List[Dict[str, torch.Tensor]]:
         labels.append(3 + index)
         for _ in range(3):
             cy, cx = float(torch.rand(1, generator=generator)) * height, float(torch.rand(1, generator=generator)) * width
-            ry, rx = 8 + float(torch.rand(1, generator=generator)) * height / 4, 8 + float(torch.rand(1, generator=generator)) * width / 4
+            ry, rx = 8 + float(torch.rand(1, generator=generator)) * height / 4, min_width_radius + float(torch.rand(1, generator=generator)) * width / 4
             masks.append(((ys - cy) / ry) ** 2 + ((xs - cx) / rx) ** 2 < 1)
             labels.append(int(torch.randint(0, 3, (1,), generator=generator)))
         targets.append({"labels": torch.tensor(labels, dtype=torch.int64), "masks": torch.stack(masks)})
@@ -297,8 +298,8 @@ def _attempt(reference: Path, seed: int) -> dict:
     model = build_model(cfg)
     generator = torch.Generator().manual_seed(seed)
     _randomise(model, generator)
-    images = _images(generator)
-    targets = _ground_truth(generator)
+    images = smooth_images(generator)
+    targets = ellipse_ground_truth(generator)
 
     # ---------------------------------------------------------------- inference
     model.eval()
