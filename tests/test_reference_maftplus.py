@@ -18,15 +18,12 @@ configuration values, and within 1e-5 of their magnitude:
 * the transfer's semantic-checkpoint form and the representation-compensation loss on square,
   wide and tall maps (module level).
 """
-from pathlib import Path
-
 import open_clip
 import pytest
 import torch
 import yaml
 from detectron2.data import MetadataCatalog
 from detectron2.modeling import build_model
-from detectron2.structures import Instances
 
 from openseg.checkpoint import OpenSegCheckpointer, detect_format
 from openseg.config import load_config
@@ -38,34 +35,30 @@ from openseg.projects.maftplus import (
 )
 from openseg.projects.maftplus.tiny_clip import TINY_CLIP_MODEL_NAME
 
-FIXTURE = Path(__file__).parent / "fixtures" / "reference" / "maftplus" / "fixtures.pt"
+import reference_utils
+from reference_utils import (  # noqa: F401  (one_thread: autouse fixture)
+    assert_postprocessing_matches,
+    assert_predictions_match,
+    copy_config,
+    detectron2_inputs,
+    load_reference,
+    one_thread,
+    record_criterion_rand,
+)
+
 METADATA_NAME = "openseg_reference_maftplus_fixture"
-TOLERANCE = 1e-5
 # release loss names -> openseg's
 LOSS_NAMES = {"ranking_loss": "loss_mask_aware", "rc_loss": "loss_rc"}
 
 
 @pytest.fixture(scope="module")
 def reference():
-    return torch.load(FIXTURE, weights_only=False)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The fixtures were computed with one thread; more threads change summation orders."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    return load_reference("maftplus")
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
-    """Elementwise within TOLERANCE x max(1, max |expected|)."""
-    scale = max(1.0, float(expected.abs().max())) if expected.numel() else 1.0
-    torch.testing.assert_close(
-        actual.float(), expected.float(), rtol=TOLERANCE, atol=TOLERANCE * scale,
-        msg=lambda m: f"{what}: {m}",
-    )
+    """`reference_utils.assert_close` in float32."""
+    reference_utils.assert_close(actual.float(), expected.float(), what)
 
 
 def released_state(reference):
@@ -76,16 +69,6 @@ def released_state(reference):
         table[reference["token_rows"]] = state[name]
         state[name] = table
     return state
-
-
-def _copy(node, values):
-    for key, value in values.items():
-        if key not in node or key == "NAME":
-            continue
-        if isinstance(value, dict):
-            _copy(node[key], value)
-        else:
-            node[key] = tuple(value) if isinstance(node[key], tuple) else value
 
 
 def openseg_cfg(reference):
@@ -105,7 +88,7 @@ def openseg_cfg(reference):
     cfg.MODEL.PIXEL_MEAN = released["MODEL"]["PIXEL_MEAN"]
     cfg.MODEL.PIXEL_STD = released["MODEL"]["PIXEL_STD"]
     for group in ("SEM_SEG_HEAD", "MASK_FORMER"):
-        _copy(cfg.MODEL[group], released["MODEL"][group])
+        copy_config(cfg.MODEL[group], released["MODEL"][group], skip=("NAME",))
     cfg.MODEL.SEM_SEG_HEAD.DEFORMABLE_TRANSFORMER_ENCODER_N_HEADS = released["MODEL"]["MASK_FORMER"]["NHEADS"]
     assert released["MODEL"]["FC_CLIP"]["CLIP_MODEL_NAME"] == TINY_CLIP_MODEL_NAME
     cfg.MODEL.CLIP.MODEL_NAME = TINY_CLIP_MODEL_NAME
@@ -128,22 +111,9 @@ def openseg_model(reference):
     return model
 
 
-def _inputs(reference, with_targets=False):
-    inputs = []
-    for i, (image, (height, width)) in enumerate(zip(reference["images"], reference["output_sizes"])):
-        record = {"image": image, "height": height, "width": width}
-        if with_targets:
-            instances = Instances(tuple(image.shape[-2:]))
-            instances.gt_classes = reference["targets"][i]["labels"]
-            instances.gt_masks = reference["targets"][i]["masks"]
-            record["instances"] = instances
-        inputs.append(record)
-    return inputs
-
-
 def _heads(model, reference):
     with torch.no_grad():
-        images = model.preprocess_images(_inputs(reference))
+        images = model.preprocess_images(detectron2_inputs(reference))
         return model.forward_heads(model.backbone(images.tensor))
 
 
@@ -175,11 +145,7 @@ def test_checkpoint_format_reads_and_writes_the_release(reference, tmp_path):
 def test_every_decoder_prediction_matches(reference):
     model = openseg_model(reference).eval()
     outputs = _heads(model, reference)
-    ours = outputs["aux_outputs"] + [outputs]
-    assert len(ours) == len(reference["layers"])
-    for index, (mine, theirs) in enumerate(zip(ours, reference["layers"])):
-        for key in ("pred_logits", "pred_masks"):
-            assert_close(mine[key], theirs[key], f"prediction {index} {key}")
+    assert_predictions_match(outputs, reference["layers"], close=assert_close)
 
 
 def test_transfer_and_clip_logits_match(reference):
@@ -200,39 +166,16 @@ def test_clip_only_class_probabilities_and_postprocessing_match(reference):
 
     model.inference_single_image = capture
     with torch.no_grad():
-        results = model(_inputs(reference))
+        results = model(detectron2_inputs(reference))
     for b, expected in enumerate(reference["final_logits"]):
         assert_close(final[b], expected, f"image {b} class log-probabilities")
-    for b, result in enumerate(results):
-        assert_close(result["sem_seg"], reference["sem_seg"][b], f"image {b} sem_seg")
-        segment_map, segments = result["panoptic_seg"]
-        expected = reference["panoptic"][b]
-        assert segments == expected["segments_info"]
-        assert torch.equal(segment_map, expected["segment_map"])
-        instances, theirs = result["instances"], reference["instances"][b]
-        mine_order = instances.scores.argsort(descending=True)
-        their_order = theirs["scores"].argsort(descending=True)
-        assert torch.equal(instances.pred_classes[mine_order], theirs["pred_classes"][their_order])
-        assert_close(instances.scores[mine_order], theirs["scores"][their_order], f"image {b} scores")
-        assert torch.equal(instances.pred_masks[mine_order].bool(), theirs["pred_masks"][their_order])
+    assert_postprocessing_matches(results, reference, close=assert_close)
 
 
 def test_losses_point_sampling_and_gradients_match(reference, monkeypatch):
     model = openseg_model(reference).train()
-    draws = []
-    real_rand = torch.rand
-
-    def recording_rand(*size, **kwargs):
-        draws.append(tuple(size[0]) if len(size) == 1 and isinstance(size[0], (tuple, list)) else tuple(size))
-        return real_rand(*size, **kwargs)
-
-    def seed(module, args):
-        torch.manual_seed(reference["criterion_seed"])
-        monkeypatch.setattr(torch, "rand", recording_rand)
-
-    model.criterion.register_forward_pre_hook(seed)
-    model.criterion.register_forward_hook(lambda *args: monkeypatch.setattr(torch, "rand", real_rand))
-    losses = model(_inputs(reference, with_targets=True))
+    draws = record_criterion_rand(model, reference["criterion_seed"], monkeypatch)
+    losses = model(detectron2_inputs(reference, with_targets=True))
 
     assert draws == reference["rand_shapes"], "points are drawn in another order or amount than the release"
     expected_losses = {LOSS_NAMES.get(k, k): v for k, v in reference["losses"].items()}

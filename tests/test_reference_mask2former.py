@@ -17,14 +17,11 @@ same configuration values, and every output must agree within 1e-5:
   `torch.rand` draws (so openseg samples the same points), every weighted loss term and the
   gradient of every parameter.
 """
-from pathlib import Path
-
 import pytest
 import torch
 import yaml
 from detectron2.data import MetadataCatalog
 from detectron2.modeling import build_model
-from detectron2.structures import Instances
 
 from openseg.checkpoint.mask2former import (
     UnmappedKeysError,
@@ -33,44 +30,25 @@ from openseg.checkpoint.mask2former import (
 )
 from openseg.config import load_config
 
-FIXTURE = Path(__file__).parent / "fixtures" / "reference" / "mask2former" / "fixtures.pt"
+from reference_utils import (  # noqa: F401  (one_thread: autouse fixture)
+    assert_close,
+    assert_postprocessing_matches,
+    assert_predictions_match,
+    copy_config,
+    detectron2_inputs,
+    load_reference,
+    one_thread,
+    record_criterion_rand,
+)
+
 METADATA_NAME = "openseg_reference_mask2former_fixture"
-# outputs agree within 1e-5 of their magnitude (mask logits reach ~30, backbone features ~6000)
-TOLERANCE = 1e-5
 # configuration groups copied from the release's config (same key names in openseg)
 COPIED_GROUPS = ("BACKBONE", "RESNETS", "SEM_SEG_HEAD", "MASK_FORMER")
 
 
 @pytest.fixture(scope="module")
 def reference():
-    return torch.load(FIXTURE, weights_only=False)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The fixtures were computed with one thread; more threads change summation orders."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
-    """Elementwise within TOLERANCE x max(1, max |expected|)."""
-    scale = max(1.0, float(expected.abs().max())) if expected.numel() else 1.0
-    torch.testing.assert_close(
-        actual, expected, rtol=TOLERANCE, atol=TOLERANCE * scale, msg=lambda m: f"{what}: {m}"
-    )
-
-
-def _copy(node, values, where: str) -> None:
-    for key, value in values.items():
-        if key not in node:
-            continue
-        if isinstance(value, dict):
-            _copy(node[key], value, f"{where}.{key}")
-        else:
-            node[key] = tuple(value) if isinstance(node[key], tuple) else value
+    return load_reference("mask2former")
 
 
 def _openseg_model(reference, overlap_threshold=None):
@@ -81,7 +59,7 @@ def _openseg_model(reference, overlap_threshold=None):
     cfg.MODEL.PIXEL_MEAN = released["MODEL"]["PIXEL_MEAN"]
     cfg.MODEL.PIXEL_STD = released["MODEL"]["PIXEL_STD"]
     for group in COPIED_GROUPS:
-        _copy(cfg.MODEL[group], released["MODEL"][group], group)
+        copy_config(cfg.MODEL[group], released["MODEL"][group])
     # the release's deformable encoder takes its head count from MASK_FORMER.NHEADS
     cfg.MODEL.SEM_SEG_HEAD.DEFORMABLE_TRANSFORMER_ENCODER_N_HEADS = released["MODEL"]["MASK_FORMER"]["NHEADS"]
     cfg.TEST.DETECTIONS_PER_IMAGE = released["TEST"]["DETECTIONS_PER_IMAGE"]
@@ -96,19 +74,6 @@ def _openseg_model(reference, overlap_threshold=None):
     model = build_model(cfg)
     model.load_state_dict(reference_to_openseg(reference["state_dict"]), strict=True)
     return model
-
-
-def _inputs(reference, with_targets=False):
-    inputs = []
-    for i, (image, (height, width)) in enumerate(zip(reference["images"], reference["output_sizes"])):
-        record = {"image": image, "height": height, "width": width}
-        if with_targets:
-            instances = Instances(tuple(image.shape[-2:]))
-            instances.gt_classes = reference["targets"][i]["labels"]
-            instances.gt_masks = reference["targets"][i]["masks"]
-            record["instances"] = instances
-        inputs.append(record)
-    return inputs
 
 
 def test_mapping_is_exact_inverse_and_covers_every_parameter(reference):
@@ -164,7 +129,7 @@ def _raw_outputs(model, reference):
     ]
     try:
         with torch.no_grad():
-            images = model.preprocess_images(_inputs(reference))
+            images = model.preprocess_images(detectron2_inputs(reference))
             outputs = model.forward_heads(model.backbone(images.tensor))
     finally:
         for hook in hooks:
@@ -177,11 +142,7 @@ def _raw_outputs(model, reference):
 def test_every_decoder_layer_matches(reference):
     model = _openseg_model(reference).eval()
     outputs, _ = _raw_outputs(model, reference)
-    ours = outputs["aux_outputs"] + [outputs]
-    assert len(ours) == len(reference["layers"])
-    for index, (mine, theirs) in enumerate(zip(ours, reference["layers"])):
-        for key in ("pred_logits", "pred_masks"):
-            assert_close(mine[key], theirs[key], f"prediction {index} {key}")
+    assert_predictions_match(outputs, reference["layers"])
 
 
 def test_masked_attention_attends_to_the_same_pixels(reference):
@@ -197,21 +158,8 @@ def test_masked_attention_attends_to_the_same_pixels(reference):
 def test_postprocessing_matches(reference):
     model = _openseg_model(reference).eval()
     with torch.no_grad():
-        results = model(_inputs(reference))
-    for b, result in enumerate(results):
-        assert_close(result["sem_seg"], reference["sem_seg"][b], f"image {b} sem_seg")
-
-        segment_map, segments = result["panoptic_seg"]
-        expected = reference["panoptic"][b]
-        assert segments == expected["segments_info"]
-        assert torch.equal(segment_map, expected["segment_map"])
-
-        instances, theirs = result["instances"], reference["instances"][b]
-        mine_order = instances.scores.argsort(descending=True)
-        their_order = theirs["scores"].argsort(descending=True)
-        assert torch.equal(instances.pred_classes[mine_order], theirs["pred_classes"][their_order])
-        assert_close(instances.scores[mine_order], theirs["scores"][their_order], f"image {b} scores")
-        assert torch.equal(instances.pred_masks[mine_order].bool(), theirs["pred_masks"][their_order])
+        results = model(detectron2_inputs(reference))
+    assert_postprocessing_matches(results, reference)
 
 
 def test_segment_exactly_at_the_overlap_threshold_is_kept(reference):
@@ -222,27 +170,15 @@ def test_segment_exactly_at_the_overlap_threshold_is_kept(reference):
         torch.tensor(threshold, dtype=torch.float64), torch.tensor(2.0, dtype=torch.float64)
     ))).eval()
     with torch.no_grad():
-        dropped = sum(len(r["panoptic_seg"][1]) for r in above(_inputs(reference)))
+        dropped = sum(len(r["panoptic_seg"][1]) for r in above(detectron2_inputs(reference)))
     kept = sum(len(p["segments_info"]) for p in reference["panoptic"])
     assert dropped == kept - 1
 
 
 def test_losses_point_sampling_and_gradients_match(reference, monkeypatch):
     model = _openseg_model(reference).train()
-    draws = []
-    real_rand = torch.rand
-
-    def recording_rand(*size, **kwargs):
-        draws.append(tuple(size[0]) if len(size) == 1 and isinstance(size[0], (tuple, list)) else tuple(size))
-        return real_rand(*size, **kwargs)
-
-    def seed(module, args):
-        torch.manual_seed(reference["criterion_seed"])
-        monkeypatch.setattr(torch, "rand", recording_rand)
-
-    model.criterion.register_forward_pre_hook(seed)
-    model.criterion.register_forward_hook(lambda *args: monkeypatch.setattr(torch, "rand", real_rand))
-    losses = model(_inputs(reference, with_targets=True))
+    draws = record_criterion_rand(model, reference["criterion_seed"], monkeypatch)
+    losses = model(detectron2_inputs(reference, with_targets=True))
 
     assert draws == reference["rand_shapes"], "points are drawn in another order or amount than the release"
     assert sorted(losses) == sorted(reference["losses"])

@@ -21,19 +21,18 @@ the tensor scale:
   the release's ran from, so both sample the same points.
 """
 
-from pathlib import Path
-
 import pytest
 import torch
 from detectron2.data import MetadataCatalog
 from detectron2.modeling import build_model
 
-from openseg.config import load_config
 from openseg.projects.segprompt import meta_arch as segprompt_meta_arch
 from openseg.projects.segprompt.checkpoint import release_to_openseg
 from openseg.projects.segprompt.meta_arch import concat_query_outputs
 
-FIXTURE = Path(__file__).parent / "fixtures" / "reference" / "segprompt" / "fixtures.pt"
+from reference_utils import load_reference, one_thread  # noqa: F401  (one_thread: autouse fixture)
+from segprompt_test_config import tiny_segprompt_cfg
+
 DATASET = "openseg_reference_segprompt_fixture"
 NUM_LVIS_CLASSES = 1203
 TOLERANCE = 1e-5
@@ -41,15 +40,7 @@ TOLERANCE = 1e-5
 
 @pytest.fixture(scope="module")
 def reference():
-    return torch.load(FIXTURE, weights_only=False)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    return load_reference("segprompt")
 
 
 @pytest.fixture(scope="module")
@@ -72,59 +63,18 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> Non
 
 def model_for(settings):
     s = settings
-    cfg = load_config(
-        opts=[
-            "MODEL.DEVICE",
-            "cpu",
-            "MODEL.META_ARCHITECTURE",
-            "SegPromptMaskFormer",
-            "MODEL.BACKBONE.NAME",
-            "build_resnet_backbone",
-            "MODEL.RESNETS.OUT_FEATURES",
-            "['res2', 'res3', 'res4', 'res5']",
-            "MODEL.SEM_SEG_HEAD.IN_FEATURES",
-            "['res2', 'res3', 'res4', 'res5']",
-            "MODEL.RESNETS.DEPTH",
-            "18",
-            "MODEL.RESNETS.RES2_OUT_CHANNELS",
-            "64",
-            "MODEL.RESNETS.NORM",
-            "BN",
-            "MODEL.SEM_SEG_HEAD.CONVS_DIM",
-            str(s["hidden"]),
-            "MODEL.SEM_SEG_HEAD.MASK_DIM",
-            str(s["hidden"]),
-            "MODEL.SEM_SEG_HEAD.TRANSFORMER_ENC_LAYERS",
-            "1",
-            "MODEL.SEM_SEG_HEAD.DEFORMABLE_TRANSFORMER_ENCODER_N_HEADS",
-            "4",
-            "MODEL.MASK_FORMER.HIDDEN_DIM",
-            str(s["hidden"]),
-            "MODEL.MASK_FORMER.NHEADS",
-            str(s["nheads"]),
-            "MODEL.MASK_FORMER.DIM_FEEDFORWARD",
-            str(s["dim_feedforward"]),
-            "MODEL.MASK_FORMER.DEC_LAYERS",
-            str(s["dec_layers"]),
-            "MODEL.MASK_FORMER.NUM_OBJECT_QUERIES",
-            str(s["num_queries"]),
-            "MODEL.MASK_FORMER.CLASS_AGNOSTIC",
-            "True",
-            "MODEL.MASK_FORMER.TRAIN_NUM_POINTS",
-            str(s["num_points"]),
-            "MODEL.SEGPROMPT.MAX_EXAMPLES_PER_IMAGE",
-            str(s["max_examples"]),
-            "MODEL.SEGPROMPT.MAX_PROMPT_CLASSES",
-            str(s["max_prompt_classes"]),
-            "MODEL.SEGPROMPT.QUERIES_PER_CLASS",
-            str(s["queries_per_class"]),
-            "MODEL.SEGPROMPT.MIN_MASK_AREA",
-            "0",
-            "DATASETS.TRAIN",
-            f"('{DATASET}',)",
-            "DATASETS.TEST",
-            f"('{DATASET}',)",
-        ]
+    cfg = tiny_segprompt_cfg(
+        DATASET,
+        hidden=s["hidden"],
+        nheads=s["nheads"],
+        dim_feedforward=s["dim_feedforward"],
+        dec_layers=s["dec_layers"],
+        num_queries=s["num_queries"],
+        num_points=s["num_points"],
+        max_examples=s["max_examples"],
+        max_prompt_classes=s["max_prompt_classes"],
+        queries_per_class=s["queries_per_class"],
+        opts=["MODEL.SEGPROMPT.MIN_MASK_AREA", "0"],
     )
     return build_model(cfg).eval()
 

@@ -25,6 +25,7 @@ from openseg.projects.segprompt import (
     select_prompt_classes,
 )
 from openseg.projects.segprompt import prompt_cache as prompt_cache_module
+from segprompt_test_config import tiny_segprompt_cfg
 
 DATASET = "openseg_test_segprompt_tiny"
 KNOWN = [0, 2, 3]  # class 1 is "seen" (in images, never labelled), 4 "unseen"
@@ -44,67 +45,24 @@ def tiny_metadata():
 
 
 def tiny_cfg(**segprompt):
-    cfg = load_config(
+    cfg = tiny_segprompt_cfg(
+        DATASET,
+        hidden=32,
+        nheads=4,
+        dim_feedforward=64,
+        dec_layers=3,
+        num_queries=6,
+        num_points=64,
+        max_examples=3,
+        max_prompt_classes=3,
+        queries_per_class=2,
         opts=[
-            "MODEL.DEVICE",
-            "cpu",
-            "MODEL.META_ARCHITECTURE",
-            "SegPromptMaskFormer",
-            "MODEL.BACKBONE.NAME",
-            "build_resnet_backbone",
-            "MODEL.BACKBONE.FREEZE_AT",
-            "0",
-            "MODEL.RESNETS.DEPTH",
-            "18",
-            "MODEL.RESNETS.RES2_OUT_CHANNELS",
-            "64",
-            "MODEL.RESNETS.NORM",
-            "BN",
-            "MODEL.RESNETS.OUT_FEATURES",
-            "['res2', 'res3', 'res4', 'res5']",
-            "MODEL.SEM_SEG_HEAD.IN_FEATURES",
-            "['res2', 'res3', 'res4', 'res5']",
-            "MODEL.SEM_SEG_HEAD.CONVS_DIM",
-            "32",
-            "MODEL.SEM_SEG_HEAD.MASK_DIM",
-            "32",
-            "MODEL.SEM_SEG_HEAD.NORM",
-            "GN",
-            "MODEL.SEM_SEG_HEAD.TRANSFORMER_ENC_LAYERS",
-            "1",
-            "MODEL.SEM_SEG_HEAD.DEFORMABLE_TRANSFORMER_ENCODER_N_HEADS",
-            "4",
-            "MODEL.MASK_FORMER.HIDDEN_DIM",
-            "32",
-            "MODEL.MASK_FORMER.NHEADS",
-            "4",
-            "MODEL.MASK_FORMER.DIM_FEEDFORWARD",
-            "64",
-            "MODEL.MASK_FORMER.DEC_LAYERS",
-            "3",
-            "MODEL.MASK_FORMER.NUM_OBJECT_QUERIES",
-            "6",
-            "MODEL.MASK_FORMER.TRAIN_NUM_POINTS",
-            "64",
-            "MODEL.MASK_FORMER.CLASS_AGNOSTIC",
-            "True",
-            "MODEL.MASK_FORMER.TEST.SEMANTIC_ON",
-            "False",
-            "MODEL.MASK_FORMER.TEST.INSTANCE_ON",
-            "True",
-            "TEST.DETECTIONS_PER_IMAGE",
-            "5",
-            "MODEL.SEGPROMPT.MAX_EXAMPLES_PER_IMAGE",
-            "3",
-            "MODEL.SEGPROMPT.MAX_PROMPT_CLASSES",
-            "3",
-            "MODEL.SEGPROMPT.QUERIES_PER_CLASS",
-            "2",
-            "DATASETS.TRAIN",
-            f"('{DATASET}',)",
-            "DATASETS.TEST",
-            f"('{DATASET}',)",
-        ]
+            "MODEL.BACKBONE.FREEZE_AT", "0",
+            "MODEL.SEM_SEG_HEAD.NORM", "GN",
+            "MODEL.MASK_FORMER.TEST.SEMANTIC_ON", "False",
+            "MODEL.MASK_FORMER.TEST.INSTANCE_ON", "True",
+            "TEST.DETECTIONS_PER_IMAGE", "5",
+        ],
     )
     for key, value in segprompt.items():
         cfg.MODEL.SEGPROMPT[key] = value

@@ -35,12 +35,17 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Dict, List, Tuple
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ._stubs import add_reference_to_path
-from .mask2former import _check_assignment_stable, _Unstable
+from .mask2former import (
+    IMAGE_SHAPES,
+    _Unstable,
+    ellipse_ground_truth,
+    recorded_training_step,
+    smooth_images,
+)
 
 SEED = 11
 CRITERION_SEED = 4321
@@ -48,7 +53,6 @@ NUM_CLASSES = 5
 CLASS_NAMES = ["cat", "dog", "car", "sky", "road"]
 THING_IDS = {11: 0, 12: 1, 13: 2}
 METADATA_NAME = "openseg_reference_maftplus_fixture"
-IMAGE_SHAPES = [((3, 60, 100), (70, 110)), ((3, 90, 116), (90, 116))]
 PADDED = (96, 128)
 MARGIN = 2e-5
 TINY_CLIP = Path(__file__).resolve().parents[2] / "projects" / "maftplus" / "tiny_clip.py"
@@ -187,29 +191,6 @@ def _stored_state(model: torch.nn.Module) -> Tuple[Dict[str, torch.Tensor], torc
     return state, rows
 
 
-def _images(generator: torch.Generator) -> List[torch.Tensor]:
-    images = []
-    for (channels, height, width), _ in IMAGE_SHAPES:
-        coarse = torch.rand((1, channels, height // 10 + 2, width // 10 + 2), generator=generator)
-        image = F.interpolate(coarse, size=(height, width), mode="bilinear", align_corners=False)[0]
-        images.append((image * 255).round().to(torch.uint8))
-    return images
-
-
-def _ground_truth(generator: torch.Generator) -> List[Dict[str, torch.Tensor]]:
-    targets = []
-    for index, ((_, height, width), _) in enumerate(IMAGE_SHAPES):
-        ys, xs = torch.meshgrid(torch.arange(height).float(), torch.arange(width).float(), indexing="ij")
-        masks, labels = [ys > height * (0.6 + 0.1 * index)], [3 + index]
-        for _ in range(3):
-            cy, cx = float(torch.rand(1, generator=generator)) * height, float(torch.rand(1, generator=generator)) * width
-            ry, rx = 8 + float(torch.rand(1, generator=generator)) * height / 4, 15 + float(torch.rand(1, generator=generator)) * width / 4
-            masks.append(((ys - cy) / ry) ** 2 + ((xs - cx) / rx) ** 2 < 1)
-            labels.append(int(torch.randint(0, 3, (1,), generator=generator)))
-        targets.append({"labels": torch.tensor(labels, dtype=torch.int64), "masks": torch.stack(masks)})
-    return targets
-
-
 def _batched_inputs(images, targets=None):
     from detectron2.structures import Instances
 
@@ -324,8 +305,9 @@ def _attempt(reference: Path, seed: int) -> dict:
     model = build_model(cfg)
     generator = torch.Generator().manual_seed(seed)
     _randomise(model, generator)
-    images = _images(generator)
-    targets = _ground_truth(generator)
+    images = smooth_images(generator)
+    # wider ellipses than Mask2Former's fixture (at least 15 pixels either side of the centre)
+    targets = ellipse_ground_truth(generator, min_width_radius=15)
 
     # ---------------------------------------------------------------- inference
     model.eval()
@@ -369,34 +351,9 @@ def _attempt(reference: Path, seed: int) -> dict:
 
     # ---------------------------------------------------------------- training step
     model.train()
-    rand_shapes: List[tuple] = []
-    real_rand = torch.rand
-
-    def recording_rand(*size, **kwargs):
-        shape = tuple(size[0]) if len(size) == 1 and isinstance(size[0], (tuple, list)) else tuple(size)
-        rand_shapes.append(shape)
-        return real_rand(*size, **kwargs)
-
-    def seed_and_record(module, args):
-        torch.manual_seed(CRITERION_SEED)
-        torch.rand = recording_rand
-
-    real_lsa = reference_matcher.linear_sum_assignment
-
-    def checked_lsa(cost):
-        _check_assignment_stable(np.asarray(cost), real_lsa)
-        return real_lsa(cost)
-
-    reference_matcher.linear_sum_assignment = checked_lsa
-    pre = model.criterion.register_forward_pre_hook(seed_and_record)
-    post = model.criterion.register_forward_hook(lambda *a: setattr(torch, "rand", real_rand))
-    try:
-        losses = model(_batched_inputs(images, targets))
-    finally:
-        torch.rand = real_rand
-        reference_matcher.linear_sum_assignment = real_lsa
-        pre.remove()
-        post.remove()
+    losses, rand_shapes = recorded_training_step(
+        model, _batched_inputs(images, targets), CRITERION_SEED, reference_matcher
+    )
     model.zero_grad()
     sum(losses.values()).backward()
     gradients = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}

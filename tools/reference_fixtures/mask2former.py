@@ -25,7 +25,8 @@ top-k boundary and Hungarian matchings all keep a margin).
 """
 import sys
 from pathlib import Path
-from typing import Dict, List
+from types import ModuleType
+from typing import Dict, List, Tuple
 
 import numpy as np
 import torch
@@ -130,8 +131,8 @@ def _randomise(model: torch.nn.Module, generator: torch.Generator) -> None:
                 tensor.add_(noise(tensor, 0.1 * float(tensor.std()) + 1e-3))
 
 
-def _images(generator: torch.Generator) -> List[torch.Tensor]:
-    """Smooth uint8 images (bilinearly upsampled noise), so masks have structure."""
+def smooth_images(generator: torch.Generator) -> List[torch.Tensor]:
+    """Smooth uint8 images of IMAGE_SHAPES (bilinearly upsampled noise), so masks have structure."""
     images = []
     for (channels, height, width), _ in IMAGE_SHAPES:
         coarse = torch.rand((1, channels, height // 10 + 2, width // 10 + 2), generator=generator)
@@ -140,8 +141,9 @@ def _images(generator: torch.Generator) -> List[torch.Tensor]:
     return images
 
 
-def _ground_truth(generator: torch.Generator) -> List[Dict[str, torch.Tensor]]:
-    """Per image a few ellipse / band segments (things and stuff) at the image size."""
+def ellipse_ground_truth(generator: torch.Generator, min_width_radius: float = 8) -> List[Dict[str, torch.Tensor]]:
+    """Per image of IMAGE_SHAPES a few ellipse / band segments (things and stuff) at the image
+    size; ellipses are at least `min_width_radius` pixels wide on either side of the centre."""
     targets = []
     for index, ((_, height, width), _) in enumerate(IMAGE_SHAPES):
         ys, xs = torch.meshgrid(torch.arange(height).float(), torch.arange(width).float(), indexing="ij")
@@ -151,7 +153,7 @@ def _ground_truth(generator: torch.Generator) -> List[Dict[str, torch.Tensor]]:
         labels.append(3 + index)
         for _ in range(3):
             cy, cx = float(torch.rand(1, generator=generator)) * height, float(torch.rand(1, generator=generator)) * width
-            ry, rx = 8 + float(torch.rand(1, generator=generator)) * height / 4, 8 + float(torch.rand(1, generator=generator)) * width / 4
+            ry, rx = 8 + float(torch.rand(1, generator=generator)) * height / 4, min_width_radius + float(torch.rand(1, generator=generator)) * width / 4
             masks.append(((ys - cy) / ry) ** 2 + ((xs - cx) / rx) ** 2 < 1)
             labels.append(int(torch.randint(0, 3, (1,), generator=generator)))
         targets.append({"labels": torch.tensor(labels, dtype=torch.int64), "masks": torch.stack(masks)})
@@ -180,6 +182,45 @@ def _check_assignment_stable(cost: np.ndarray, linear_sum_assignment) -> None:
         r2, c2 = linear_sum_assignment(cost + rng.uniform(-MARGIN, MARGIN, cost.shape))
         if not (np.array_equal(rows, r2) and np.array_equal(cols, c2)):
             raise _Unstable("Hungarian matching is not stable under 1e-4 noise")
+
+
+def recorded_training_step(
+    model: torch.nn.Module, batched_inputs: List[dict], criterion_seed: int, matcher_module: ModuleType
+) -> Tuple[Dict[str, torch.Tensor], List[tuple]]:
+    """One forward pass of a release's model in training mode: torch is seeded with
+    `criterion_seed` when its criterion starts (so openseg's test can seed its own criterion
+    alike), the shape of every `torch.rand` draw inside the criterion is recorded (the point
+    sampling the test must reproduce), and every Hungarian assignment made through
+    `matcher_module.linear_sum_assignment` must be stable under noise. Returns (losses, shapes)."""
+    rand_shapes: List[tuple] = []
+    real_rand = torch.rand
+
+    def recording_rand(*size, **kwargs):
+        shape = tuple(size[0]) if len(size) == 1 and isinstance(size[0], (tuple, list)) else tuple(size)
+        rand_shapes.append(shape)
+        return real_rand(*size, **kwargs)
+
+    def seed_and_record(module, args):
+        torch.manual_seed(criterion_seed)
+        torch.rand = recording_rand
+
+    real_lsa = matcher_module.linear_sum_assignment
+
+    def checked_lsa(cost):
+        _check_assignment_stable(np.asarray(cost), real_lsa)
+        return real_lsa(cost)
+
+    matcher_module.linear_sum_assignment = checked_lsa
+    pre = model.criterion.register_forward_pre_hook(seed_and_record)
+    post = model.criterion.register_forward_hook(lambda *a: setattr(torch, "rand", real_rand))
+    try:
+        losses = model(batched_inputs)
+    finally:
+        torch.rand = real_rand
+        matcher_module.linear_sum_assignment = real_lsa
+        pre.remove()
+        post.remove()
+    return losses, rand_shapes
 
 
 def _panoptic_ratios(model, mask_cls, mask_pred):
@@ -257,8 +298,8 @@ def _attempt(reference: Path, seed: int) -> dict:
     model = build_model(cfg)
     generator = torch.Generator().manual_seed(seed)
     _randomise(model, generator)
-    images = _images(generator)
-    targets = _ground_truth(generator)
+    images = smooth_images(generator)
+    targets = ellipse_ground_truth(generator)
 
     # ---------------------------------------------------------------- inference
     model.eval()
@@ -339,34 +380,9 @@ def _attempt(reference: Path, seed: int) -> dict:
 
     # ---------------------------------------------------------------- training step
     model.train()
-    rand_shapes: List[tuple] = []
-    real_rand = torch.rand
-
-    def recording_rand(*size, **kwargs):
-        shape = tuple(size[0]) if len(size) == 1 and isinstance(size[0], (tuple, list)) else tuple(size)
-        rand_shapes.append(shape)
-        return real_rand(*size, **kwargs)
-
-    def seed_and_record(module, args):
-        torch.manual_seed(CRITERION_SEED)
-        torch.rand = recording_rand
-
-    real_lsa = reference_matcher.linear_sum_assignment
-
-    def checked_lsa(cost):
-        _check_assignment_stable(np.asarray(cost), real_lsa)
-        return real_lsa(cost)
-
-    reference_matcher.linear_sum_assignment = checked_lsa
-    pre = model.criterion.register_forward_pre_hook(seed_and_record)
-    post = model.criterion.register_forward_hook(lambda *a: setattr(torch, "rand", real_rand))
-    try:
-        losses = model(_batched_inputs(images, targets))
-    finally:
-        torch.rand = real_rand
-        reference_matcher.linear_sum_assignment = real_lsa
-        pre.remove()
-        post.remove()
+    losses, rand_shapes = recorded_training_step(
+        model, _batched_inputs(images, targets), CRITERION_SEED, reference_matcher
+    )
     model.zero_grad()
     sum(losses.values()).backward()
     gradients = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
