@@ -13,6 +13,7 @@ import os
 import numpy as np
 import pycocotools.mask as mask_util
 import pytest
+import torch.distributed as dist
 from pycocotools.coco import COCO
 from test_eval_instance import (
     CLASS_SPLITS,
@@ -359,6 +360,10 @@ def _ddp_worker(tmp_dir: str) -> None:
     if comm.is_main_process():
         with open(os.path.join(tmp_dir, "ddp_metrics.json"), "w") as f:
             json.dump(metrics, f)
+    # leave together and tear gloo down: a rank exiting while the other still computes its
+    # metrics could abort in the process group's destructor (seen once in CI)
+    comm.synchronize()
+    dist.destroy_process_group()
 
 
 def test_distributed_evaluation_equals_single_process(tmp_path):

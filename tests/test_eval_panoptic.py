@@ -485,6 +485,9 @@ def _distributed_worker(case_dir, name, seed, num_images, output_dir):
         evaluator.process([case["inputs"][i]], [case["outputs"][i]])
     results = evaluator.evaluate()
     assert (results is None) == (rank != 0)
+    # leave together and tear gloo down (a rank exiting early can abort in its destructor)
+    comm.synchronize()
+    torch.distributed.destroy_process_group()
 
 
 def make_case_from_disk(case_dir, name, seed, num_images):
