@@ -21,7 +21,15 @@ import torch
 import yaml
 from detectron2.data import MetadataCatalog
 from detectron2.modeling import build_model
-from detectron2.structures import Instances
+
+import reference_utils
+from reference_utils import (  # noqa: F401  (one_thread is an autouse fixture)
+    assert_postprocessing_matches,
+    detectron2_inputs,
+    load_reference,
+    one_thread,
+    record_criterion_rand,
+)
 
 from openseg.checkpoint import OpenSegCheckpointer, detect_format, read_checkpoint_file
 from openseg.config import load_config
@@ -30,34 +38,19 @@ from openseg.projects.fcclip import geometric_ensemble
 from openseg.projects.fcclip.checkpoint import openseg_to_released, released_to_openseg
 from openseg.projects.fcclip.meta_arch import CLIP_POOLING_FEATURES
 
-FIXTURE = Path(__file__).parent / "fixtures" / "reference" / "fcclip" / "fixtures.pt"
 TRAIN_NAME, TEST_NAME = "openseg_reference_fcclip_train", "openseg_reference_fcclip_test"
-TOLERANCE = 1e-5
 TOKEN_TABLE = "backbone.clip_model.token_embedding.weight"
 OPEN_CLIP_NAME = "openseg-fcclip-tiny-convnext"
 
 
 @pytest.fixture(scope="module")
 def reference():
-    return torch.load(FIXTURE, weights_only=False)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The fixtures were computed with one thread; more threads change summation orders."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    return load_reference("fcclip")
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
-    """Elementwise within TOLERANCE x max(1, max |expected|)."""
-    scale = max(1.0, float(expected.abs().max())) if expected.numel() else 1.0
-    torch.testing.assert_close(
-        actual.float(), expected.float(), rtol=TOLERANCE, atol=TOLERANCE * scale,
-        msg=lambda m: f"{what}: {m}",
-    )
+    """`reference_utils.assert_close` in float32."""
+    reference_utils.assert_close(actual.float(), expected.float(), what)
 
 
 def released_state(reference):
@@ -127,22 +120,9 @@ def openseg_model(reference, **kwargs):
     return model
 
 
-def _inputs(reference, with_targets=False):
-    inputs = []
-    for i, (image, (height, width)) in enumerate(zip(reference["images"], reference["output_sizes"])):
-        record = {"image": image, "height": height, "width": width}
-        if with_targets:
-            instances = Instances(tuple(image.shape[-2:]))
-            instances.gt_classes = reference["targets"][i]["labels"]
-            instances.gt_masks = reference["targets"][i]["masks"]
-            record["instances"] = instances
-        inputs.append(record)
-    return inputs
-
-
 def _heads(model, reference):
     with torch.no_grad():
-        images = model.preprocess_images(_inputs(reference))
+        images = model.preprocess_images(detectron2_inputs(reference))
         return model.forward_heads(model.backbone(images.tensor))
 
 
@@ -239,25 +219,14 @@ def test_out_of_vocabulary_and_ensembled_logits_match(reference):
 def test_postprocessing_matches(reference):
     model = openseg_model(reference).eval()
     with torch.no_grad():
-        results = model(_inputs(reference))
-    for b, result in enumerate(results):
-        assert_close(result["sem_seg"], reference["sem_seg"][b], f"image {b} sem_seg")
-        segment_map, segments = result["panoptic_seg"]
-        expected = reference["panoptic"][b]
-        assert segments == expected["segments_info"]
-        assert torch.equal(segment_map, expected["segment_map"])
-        instances, theirs = result["instances"], reference["instances"][b]
-        mine_order = instances.scores.argsort(descending=True)
-        their_order = theirs["scores"].argsort(descending=True)
-        assert torch.equal(instances.pred_classes[mine_order], theirs["pred_classes"][their_order])
-        assert_close(instances.scores[mine_order], theirs["scores"][their_order], f"image {b} scores")
-        assert torch.equal(instances.pred_masks[mine_order].bool(), theirs["pred_masks"][their_order])
+        results = model(detectron2_inputs(reference))
+    assert_postprocessing_matches(results, reference, close=assert_close)
 
 
 def test_swapped_alpha_and_beta_change_the_results(reference):
     model = openseg_model(reference, alpha=reference["beta"], beta=reference["alpha"]).eval()
     with torch.no_grad():
-        results = model(_inputs(reference))
+        results = model(detectron2_inputs(reference))
     differs = any(
         not torch.allclose(r["sem_seg"], e, atol=1e-3) for r, e in zip(results, reference["sem_seg"])
     )
@@ -266,20 +235,8 @@ def test_swapped_alpha_and_beta_change_the_results(reference):
 
 def test_losses_point_sampling_and_gradients_match(reference, monkeypatch):
     model = openseg_model(reference).train()
-    draws = []
-    real_rand = torch.rand
-
-    def recording_rand(*size, **kwargs):
-        draws.append(tuple(size[0]) if len(size) == 1 and isinstance(size[0], (tuple, list)) else tuple(size))
-        return real_rand(*size, **kwargs)
-
-    def seed(module, args):
-        torch.manual_seed(reference["criterion_seed"])
-        monkeypatch.setattr(torch, "rand", recording_rand)
-
-    model.criterion.register_forward_pre_hook(seed)
-    model.criterion.register_forward_hook(lambda *args: monkeypatch.setattr(torch, "rand", real_rand))
-    losses = model(_inputs(reference, with_targets=True))
+    draws = record_criterion_rand(model, reference["criterion_seed"], monkeypatch)
+    losses = model(detectron2_inputs(reference, with_targets=True))
 
     assert draws == reference["rand_shapes"], "points are drawn in another order or amount than the release"
     assert sorted(losses) == sorted(reference["losses"])

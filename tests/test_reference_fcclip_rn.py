@@ -13,20 +13,23 @@ within 1e-5 of their magnitude:
   log-probabilities; the attention pool on hand-made (empty, full, one-cell) masks;
 * semantic scores, panoptic segments and instance masks / classes / scores.
 """
-from pathlib import Path
 
 import pytest
 import torch
 import yaml
 from detectron2.modeling import build_model
-from test_reference_fcclip import (  # noqa: F401  (one_thread is an autouse fixture)
+from reference_utils import (  # noqa: F401  (one_thread is an autouse fixture)
+    assert_postprocessing_matches,
+    detectron2_inputs,
+    load_reference,
+    one_thread,
+)
+from test_reference_fcclip import (
     TRAIN_NAME,
     TEST_NAME,
     _copy,
-    _inputs,
     _register,
     assert_close,
-    one_thread,
     released_state,
 )
 
@@ -37,14 +40,13 @@ from openseg.projects.fcclip import geometric_ensemble
 from openseg.projects.fcclip.checkpoint import released_to_openseg
 from openseg.projects.fcclip.meta_arch import CLIP_POOLING_FEATURES
 
-FIXTURE = Path(__file__).parent / "fixtures" / "reference" / "fcclip_rn" / "fixtures.pt"
 OPEN_CLIP_NAME = "openseg-fcclip-tiny-rn"
 CONFIG = "configs/fcclip/fcclip_convnext_large_eval_ade20k_r50.yaml"
 
 
 @pytest.fixture(scope="module")
 def reference():
-    return torch.load(FIXTURE, weights_only=False)
+    return load_reference("fcclip_rn")
 
 
 def openseg_cfg(reference):
@@ -85,7 +87,7 @@ def model(reference):
 
 def _heads(model, reference):
     with torch.no_grad():
-        images = model.preprocess_images(_inputs(reference))
+        images = model.preprocess_images(detectron2_inputs(reference))
         return model.forward_heads(model.backbone(images.tensor))
 
 
@@ -150,16 +152,5 @@ def test_attention_pool_on_empty_full_and_single_cell_masks_matches(model, refer
 
 def test_postprocessing_matches(model, reference):
     with torch.no_grad():
-        results = model(_inputs(reference))
-    for b, result in enumerate(results):
-        assert_close(result["sem_seg"], reference["sem_seg"][b], f"image {b} sem_seg")
-        segment_map, segments = result["panoptic_seg"]
-        expected = reference["panoptic"][b]
-        assert segments == expected["segments_info"]
-        assert torch.equal(segment_map, expected["segment_map"])
-        instances, theirs = result["instances"], reference["instances"][b]
-        mine_order = instances.scores.argsort(descending=True)
-        their_order = theirs["scores"].argsort(descending=True)
-        assert torch.equal(instances.pred_classes[mine_order], theirs["pred_classes"][their_order])
-        assert_close(instances.scores[mine_order], theirs["scores"][their_order], f"image {b} scores")
-        assert torch.equal(instances.pred_masks[mine_order].bool(), theirs["pred_masks"][their_order])
+        results = model(detectron2_inputs(reference))
+    assert_postprocessing_matches(results, reference, close=assert_close)
