@@ -41,7 +41,7 @@ from ._stubs import add_reference_to_path
 from .mask2former import _Unstable, check_stable_under_noise
 
 SAM2_SEED = 0
-SEED = 1  # BEiT-3 and adapter weights; the first seed whose exact-match outputs keep margins
+SEED = 1  # BEiT-3 and adapter weights: the first seed from here whose exact-match outputs keep margins
 IMAGE_SIZE = 256
 NUM_TOKENS = 5
 MLP_DIM = 64
@@ -49,6 +49,9 @@ OUTPUT_SIZE = (96, 128)  # non-square "original" size the outputs are resized to
 CLASS_NAMES = ["wall-other", "person", "dog", "tree-merged", "sky-other-merged", "car"]
 THING_IDS = [1, 2, 5]
 ORACLE_CLASSES = [0, 1, 2, 4]
+# SAM2's mask logits differ by up to 1.7e-6 of their scale between ATen's AVX2 and AVX-512
+# kernels (measured on these fixtures), more than the 2e-6 default leaves room for
+DECODER_NOISE = 5e-6
 # outputs the tests compare exactly (the rest within a tolerance)
 SEGMENTATION = ("panoptic_seg", "segments_info", "instance_masks", "instance_classes")
 SENTENCES = ["the dog on the left", "a person standing near the wall in a very long sentence"]
@@ -366,7 +369,7 @@ def _attempt(seed: int, visual_model: torch.nn.Module, tokenizer, out_dir: Path)
             refined = record.get("refined_scores", torch.empty(0))
             return [record[key] for key in keys] + [tuple(refined.shape)]
 
-        check_stable_under_noise(decide, what)
+        check_stable_under_noise(decide, what, noise=DECODER_NOISE)
 
     class_prompts = [class_prompt(CLASS_NAMES[c]) for c in ORACLE_CLASSES]
     probe = build(0.0, False, False)
