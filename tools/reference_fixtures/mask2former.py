@@ -179,10 +179,10 @@ def _batched_inputs(images, targets=None):
     return inputs
 
 
-def perturbed(tensor: torch.Tensor, generator: torch.Generator, noise: float = CROSS_CPU_NOISE) -> torch.Tensor:
-    """`tensor` plus uniform noise of up to `noise` x its largest magnitude."""
+def perturbed(tensor: torch.Tensor, generator: torch.Generator, level: float = CROSS_CPU_NOISE) -> torch.Tensor:
+    """`tensor` plus uniform noise of up to `level` x its largest magnitude."""
     scale = float(tensor.abs().max()) if tensor.numel() else 0.0
-    return tensor + noise * scale * (2 * torch.rand(tensor.shape, generator=generator) - 1)
+    return tensor + level * scale * (2 * torch.rand(tensor.shape, generator=generator) - 1)
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -194,15 +194,15 @@ def _same(a: Any, b: Any) -> bool:
 
 
 def check_stable_under_noise(decide: Callable[[Callable[[torch.Tensor], torch.Tensor]], Any], what: str,
-                             noise: float = CROSS_CPU_NOISE, draws: int = 4) -> None:
+                             level: float = CROSS_CPU_NOISE, draws: int = 4) -> None:
     """Raise `_Unstable` unless the discrete results `decide(noise)` (a list of tensors, lists,
-    dicts) are the same with `noise` the identity and with `noise` = `perturbed`, applied by
-    `decide` to the outputs its decisions read (`noise` x each tensor's scale): a fixture whose segment map or top-k flips
-    under float32 differences between CPUs would fail on another machine."""
+    dicts) are the same with `noise` the identity and with `noise` = `perturbed` at `level`,
+    applied by `decide` to the outputs its decisions read: a fixture whose segment map or
+    top-k flips under float32 differences between CPUs would fail on another machine."""
     expected = decide(lambda tensor: tensor)
     generator = torch.Generator().manual_seed(0)
     for _ in range(draws):
-        result = decide(lambda tensor: perturbed(tensor, generator, noise))
+        result = decide(lambda tensor: perturbed(tensor, generator, level))
         changed = [i for i, (mine, theirs) in enumerate(zip(result, expected)) if not _same(mine, theirs)]
         if changed:
             raise _Unstable(f"{what} changes under noise (results {changed})")

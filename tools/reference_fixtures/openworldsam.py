@@ -369,7 +369,7 @@ def _attempt(seed: int, visual_model: torch.nn.Module, tokenizer, out_dir: Path)
             refined = record.get("refined_scores", torch.empty(0))
             return [record[key] for key in keys] + [tuple(refined.shape)]
 
-        check_stable_under_noise(decide, what, noise=DECODER_NOISE)
+        check_stable_under_noise(decide, what, level=DECODER_NOISE)
 
     class_prompts = [class_prompt(CLASS_NAMES[c]) for c in ORACLE_CLASSES]
     probe = build(0.0, False, False)
