@@ -38,6 +38,12 @@ import torch
 import torch.nn.functional as F
 
 from ._stubs import add_reference_to_path
+from .mask2former import (
+    _check_assignment_stable,
+    _Unstable,
+    check_stable_under_noise,
+    postprocessing_decisions,
+)
 
 SEED = 1089
 CRITERION_SEED = 4321
@@ -76,10 +82,6 @@ SETTINGS = {
     "MODEL.FC_CLIP.GEOMETRIC_ENSEMBLE_BETA": BETA,
     "TEST.DETECTIONS_PER_IMAGE": 12,
 }
-
-
-class _Unstable(Exception):
-    """The drawn weights put some decision within rounding noise of flipping."""
 
 
 def _register_stubs():
@@ -234,15 +236,6 @@ def _batched_inputs(images, targets=None):
     return inputs
 
 
-def _check_assignment_stable(cost: np.ndarray, linear_sum_assignment) -> None:
-    rows, cols = linear_sum_assignment(cost)
-    rng = np.random.default_rng(0)
-    for _ in range(20):
-        r2, c2 = linear_sum_assignment(cost + rng.uniform(-MARGIN, MARGIN, cost.shape))
-        if not (np.array_equal(rows, r2) and np.array_equal(cols, c2)):
-            raise _Unstable("Hungarian matching is not stable under noise")
-
-
 def _check_margins(model, layers, clip_feature_size, ensembled) -> None:
     """Raise if any binarisation, argmax, threshold or top-k is within rounding noise."""
     from detectron2.modeling.postprocessing import sem_seg_postprocess
@@ -282,6 +275,12 @@ def _check_margins(model, layers, clip_feature_size, ensembled) -> None:
         k = min(model.test_topk_per_image, flat.numel() - 1)
         if flat[k - 1] - flat[k] < MARGIN or (flat[:-1] - flat[1:]).min() < 1e-7:
             raise _Unstable("instance top-k scores nearly tie")
+        check_stable_under_noise(
+            lambda noise: postprocessing_decisions(
+                model.panoptic_inference, model.instance_inference, noise(mask_cls), noise(mask_pred)
+            ),
+            f"image {b}: post-processing",
+        )
 
 
 def generate(reference_root: Path, out_dir: Path) -> None:

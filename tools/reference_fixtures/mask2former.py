@@ -26,7 +26,7 @@ top-k boundary and Hungarian matchings all keep a margin).
 import sys
 from pathlib import Path
 from types import ModuleType
-from typing import Dict, List, Tuple
+from typing import Any, Callable, Dict, List, Tuple
 
 import numpy as np
 import torch
@@ -43,6 +43,10 @@ METADATA_NAME = "openseg_reference_mask2former_fixture"
 IMAGE_SHAPES = [((3, 60, 100), (70, 110)), ((3, 90, 116), (90, 116))]
 # decisions (mask logit signs, argmaxes, thresholds) keep this distance from flipping
 MARGIN = 2e-5
+# float32 outputs of one model differ between CPUs (ATen's AVX2 vs AVX-512 kernels, MKL's code
+# paths) by ~1e-6 of a tensor's scale (measured 4e-7 to 9e-7 on the FC-CLIP fixtures): discrete
+# results must survive uniform noise of CROSS_CPU_NOISE x the tensor's largest magnitude
+CROSS_CPU_NOISE = 2e-6
 
 # settings the openseg side needs to build the same model (applied by the test to its config)
 SETTINGS = {
@@ -173,6 +177,45 @@ def _batched_inputs(images, targets=None):
             record["instances"] = instances
         inputs.append(record)
     return inputs
+
+
+def perturbed(tensor: torch.Tensor, generator: torch.Generator, level: float = CROSS_CPU_NOISE) -> torch.Tensor:
+    """`tensor` plus uniform noise of up to `level` x its largest magnitude."""
+    scale = float(tensor.abs().max()) if tensor.numel() else 0.0
+    return tensor + level * scale * (2 * torch.rand(tensor.shape, generator=generator) - 1)
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, (list, tuple)):
+        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def check_stable_under_noise(decide: Callable[[Callable[[torch.Tensor], torch.Tensor]], Any], what: str,
+                             level: float = CROSS_CPU_NOISE, draws: int = 4) -> None:
+    """Raise `_Unstable` unless the discrete results `decide(noise)` (a list of tensors, lists,
+    dicts) are the same with `noise` the identity and with `noise` = `perturbed` at `level`,
+    applied by `decide` to the outputs its decisions read: a fixture whose segment map or
+    top-k flips under float32 differences between CPUs would fail on another machine."""
+    expected = decide(lambda tensor: tensor)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(draws):
+        result = decide(lambda tensor: perturbed(tensor, generator, level))
+        changed = [i for i, (mine, theirs) in enumerate(zip(result, expected)) if not _same(mine, theirs)]
+        if changed:
+            raise _Unstable(f"{what} changes under noise (results {changed})")
+
+
+def postprocessing_decisions(panoptic_inference: Callable, instance_inference: Callable,
+                             mask_cls: torch.Tensor, mask_pred: torch.Tensor) -> list:
+    """The discrete results the equivalence tests compare exactly: the panoptic segment map and
+    segments, the instances' classes and binary masks in descending score order."""
+    segment_map, segments = panoptic_inference(mask_cls, mask_pred)
+    instances = instance_inference(mask_cls, mask_pred)
+    order = instances.scores.argsort(descending=True)
+    return [segment_map, segments, instances.pred_classes[order], instances.pred_masks[order] > 0]
 
 
 def _check_assignment_stable(cost: np.ndarray, linear_sum_assignment) -> None:

@@ -14,6 +14,11 @@ Builds the release's `OpenWorldSAM2` at a small size with random weights on CPU:
 * The adapter as released (2 cross-attention layers, K = 5 tie-breakers), its MLP width set
   to 64 through the released class's `mlp_dim` argument (the release uses 4 x 256) so the
   committed weights stay small.
+* BEiT-3's weights are moved to sane scales with [CLS] attending to the prompt
+  (`condition_beit3`), so the projector needs no large weights and the outputs are well
+  conditioned; BEiT-3 and the adapter come from the first seed from SEED whose exactly
+  compared outputs (segment maps, instances, referring masks) survive noise on the mask
+  decoder's outputs of the size of float32 differences between CPUs.
 
 The release hard-codes a 1024 input (`ImageList.from_tensors(images, 1024)` and
 `_bb_feat_sizes`); both are set to the 256 input here, nothing else is changed. The model
@@ -33,8 +38,10 @@ import torch
 import torch.nn.functional as F
 
 from ._stubs import add_reference_to_path
+from .mask2former import _Unstable, check_stable_under_noise
 
 SAM2_SEED = 0
+SEED = 1  # BEiT-3 and adapter weights: the first seed from here whose exact-match outputs keep margins
 IMAGE_SIZE = 256
 NUM_TOKENS = 5
 MLP_DIM = 64
@@ -42,6 +49,11 @@ OUTPUT_SIZE = (96, 128)  # non-square "original" size the outputs are resized to
 CLASS_NAMES = ["wall-other", "person", "dog", "tree-merged", "sky-other-merged", "car"]
 THING_IDS = [1, 2, 5]
 ORACLE_CLASSES = [0, 1, 2, 4]
+# SAM2's mask logits differ by up to 1.7e-6 of their scale between ATen's AVX2 and AVX-512
+# kernels (measured on these fixtures), more than the 2e-6 default leaves room for
+DECODER_NOISE = 5e-6
+# outputs the tests compare exactly (the rest within a tolerance)
+SEGMENTATION = ("panoptic_seg", "segments_info", "instance_masks", "instance_classes")
 SENTENCES = ["the dog on the left", "a person standing near the wall in a very long sentence"]
 MAX_TEXT_LENGTH = 16
 CORPUS = (
@@ -121,12 +133,38 @@ def evf_input(image: np.ndarray) -> torch.Tensor:
 
 
 @torch.no_grad()
+def condition_beit3(mm_extractor: torch.nn.Module, generator: torch.Generator) -> None:
+    """BEiT-3's initialisation (weights of std 0.02) leaves [CLS] at its position embedding
+    plus ~1 % of prompt-dependent signal: a projector telling prompts apart would amplify that
+    ~150 times, cancelling terms of ~300, and its output would differ between CPUs by 1e-4.
+    Here every weight leaves its initial value at a sane scale (unit-gain linear layers,
+    layer norms near 1, position embeddings at 0.3) and, per head, the image tokens' query bias
+    is aligned with the text tokens' key bias (a logit bonus of 4), so [CLS] attends to the
+    prompt and prompts differ by about half of [CLS]'s norm."""
+    def noise(shape, scale: float) -> torch.Tensor:
+        return scale * torch.randn(shape, generator=generator)
+
+    for name, tensor in mm_extractor.named_parameters():
+        if ".embed_positions." in name:
+            tensor.mul_(0.3)
+        elif "norm" in name or "_ln." in name:
+            tensor.copy_(1.0 + noise(tensor.shape, 0.2) if name.endswith("weight") else noise(tensor.shape, 0.1))
+        elif ".layers." in name:
+            tensor.copy_(noise(tensor.shape, tensor.shape[-1] ** -0.5 if tensor.dim() == 2 else 0.1))
+    heads = mm_extractor.beit3.args.encoder_attention_heads
+    for layer in mm_extractor.beit3.encoder.layers:
+        direction = noise((heads, layer.self_attn.head_dim), 1.0)
+        direction = (4.0 * direction / direction.norm(dim=1, keepdim=True)).flatten()
+        layer.self_attn.q_proj.A.bias.copy_(direction)
+        layer.self_attn.k_proj.B.bias.copy_(direction)
+
+
+@torch.no_grad()
 def calibrate_projector(mm_extractor, text_hidden_fcs, tokenizer, evf_image) -> None:
-    """Random BEiT-3 attention is near uniform, so a few text tokens among 197 image tokens
-    barely move [CLS] (prompts would give near-identical masks and near-tied scores). The
-    projector's random weights are rescaled so that its hidden layer sees [CLS] minus the
-    mean over the fixture's prompts at unit spread, and its output has unit spread like the
-    tie-breakers: prompts then give clearly different masks."""
+    """The projector's random weights are rescaled so that its hidden layer sees [CLS] minus
+    the mean over the fixture's prompts at unit spread, and its output has unit spread like
+    the tie-breakers: prompts then give clearly different masks (with `condition_beit3`'s
+    [CLS] the first layer's weights stay below 0.5 and its bias below 4)."""
     prompts = [class_prompt(n) for n in CLASS_NAMES] + SENTENCES
     ids = [torch.tensor(tokenizer(p).input_ids[:MAX_TEXT_LENGTH]) for p in prompts]
     ids = torch.nn.utils.rnn.pad_sequence(ids, batch_first=True, padding_value=1)
@@ -156,15 +194,11 @@ def generate(reference_root: Path, out_dir: Path) -> None:
     add_reference_to_path(reference_root, "GinnyXiao__OpenWorldSAM")
     for name in [m for m in sys.modules if m == "model" or m.startswith("model.")]:
         del sys.modules[name]
-    from detectron2.structures import ImageList, Instances
-    from torchscale.architecture.config import EncoderConfig
+    from detectron2.structures import ImageList
     from transformers import XLMRobertaTokenizer
 
     import model.open_world_sam2 as owsam_module
-    from model.criterion import SetCriterion
-    from model.matcher import HungarianMatcher
     from model.segment_anything_2.sam2.build_sam import build_sam2 as reference_build_sam2
-    from model.unilm.beit3.modeling_utils import BEiT3Wrapper
 
     visual_model = reference_build_sam2(
         "sam2_hiera_t.yaml", None, device="cpu",
@@ -174,7 +208,48 @@ def generate(reference_root: Path, out_dir: Path) -> None:
     for p in visual_model.parameters():
         p.requires_grad = False
 
-    torch.manual_seed(1)
+    # transformers 5 builds XLM-R's tokenizer by converting the sentencepiece model (the
+    # release used 4.36's slow class on the same file; both give <s>=0 <pad>=1 </s>=2 <unk>=3,
+    # piece id + 1)
+    tokenizer_dir = out_dir / "_tokenizer"
+    tokenizer_dir.mkdir(exist_ok=True)
+    shutil.copy(spm, tokenizer_dir / "sentencepiece.bpe.model")
+    tokenizer = XLMRobertaTokenizer.from_pretrained(
+        str(tokenizer_dir), model_max_length=MAX_TEXT_LENGTH
+    )
+    shutil.rmtree(tokenizer_dir)
+
+    # the release pads SAM2 inputs to a multiple of 1024; the images here are already square
+    original_from_tensors = ImageList.from_tensors
+
+    def from_tensors(tensors, size_divisibility=0, **kwargs):
+        return original_from_tensors(tensors, 0 if size_divisibility == 1024 else size_divisibility)
+
+    owsam_module.ImageList.from_tensors = staticmethod(from_tensors)
+
+    for seed in range(SEED, SEED + 20):
+        try:
+            _attempt(seed, visual_model, tokenizer, out_dir)
+        except _Unstable as why:
+            print(f"[openworldsam] seed {seed} rejected: {why}", file=sys.stderr)
+            continue
+        torch.save(checksum(sam2_state), out_dir / "sam2_checksum.pt")
+        return
+    raise RuntimeError("no stable seed found in 20 attempts")
+
+
+def _attempt(seed: int, visual_model: torch.nn.Module, tokenizer, out_dir: Path) -> None:
+    """Adapter and BEiT-3 weights from `seed`; raises `_Unstable` if an exact-match output
+    is within noise of flipping, else saves the fixtures."""
+    from detectron2.structures import Instances
+    from torchscale.architecture.config import EncoderConfig
+
+    import model.open_world_sam2 as owsam_module
+    from model.criterion import SetCriterion
+    from model.matcher import HungarianMatcher
+    from model.unilm.beit3.modeling_utils import BEiT3Wrapper
+
+    torch.manual_seed(seed)
     beit_config = EncoderConfig(
         img_size=224, patch_size=16, vocab_size=64, multiway=True, layernorm_embedding=False,
         normalize_output=True, no_output_layer=True, drop_path_rate=0.0,
@@ -188,17 +263,8 @@ def generate(reference_root: Path, out_dir: Path) -> None:
         [torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 256))]
     )
     positional_tokens = torch.nn.Parameter(torch.randn(NUM_TOKENS, 256))
-    # transformers 5 builds XLM-R's tokenizer by converting the sentencepiece model (the
-    # release used 4.36's slow class on the same file; both give <s>=0 <pad>=1 </s>=2 <unk>=3,
-    # piece id + 1)
-    tokenizer_dir = out_dir / "_tokenizer"
-    tokenizer_dir.mkdir(exist_ok=True)
-    shutil.copy(spm, tokenizer_dir / "sentencepiece.bpe.model")
-    tokenizer = XLMRobertaTokenizer.from_pretrained(
-        str(tokenizer_dir), model_max_length=MAX_TEXT_LENGTH
-    )
-    shutil.rmtree(tokenizer_dir)
 
+    condition_beit3(mm_extractor, torch.Generator().manual_seed(seed))
     calibrate_projector(mm_extractor, text_hidden_fcs, tokenizer, evf_input(smooth_image(0)))
 
     def criterion(dice_weight: float) -> SetCriterion:
@@ -233,14 +299,6 @@ def generate(reference_root: Path, out_dir: Path) -> None:
         model.cross_attention_transformer = soft_prompt
         return model
 
-    # the release pads SAM2 inputs to a multiple of 1024; the images here are already square
-    original_from_tensors = ImageList.from_tensors
-
-    def from_tensors(tensors, size_divisibility=0, **kwargs):
-        return original_from_tensors(tensors, 0 if size_divisibility == 1024 else size_divisibility)
-
-    owsam_module.ImageList.from_tensors = staticmethod(from_tensors)
-
     image = smooth_image(0)
     sam_image = (torch.from_numpy(image).permute(2, 0, 1).float()
                  - torch.tensor([123.675, 116.28, 103.53]).view(3, 1, 1)) / torch.tensor(
@@ -254,9 +312,12 @@ def generate(reference_root: Path, out_dir: Path) -> None:
             captured.setdefault(name, []).append(output)
         return fn
 
-    def run(model, prompts, categories):
+    def run(model, prompts, categories, noise=None):
         captured.clear()
-        handles = [
+        handles = [] if noise is None else [model.visual_model.sam_mask_decoder.register_forward_hook(
+            lambda module, args, out: (noise(out[0]), noise(out[1]), *out[2:])
+        )]
+        handles += [
             model.mm_extractor.beit3.register_forward_hook(hook("beit3")),
             model.text_hidden_fcs[0].register_forward_hook(hook("projector")),
             model.visual_model.sam_prompt_encoder.register_forward_hook(hook("prompt_encoder")),
@@ -300,26 +361,40 @@ def generate(reference_root: Path, out_dir: Path) -> None:
             record["ref_scores"] = result["grounding_scores"].clone()
         return record
 
+    def check_stable(model, prompts, categories, keys, what):
+        """The exact-match outputs `keys` (and which masks two-stage inference refines) survive
+        noise on every mask decoder output."""
+        def decide(noise):
+            record = run(model, prompts, categories, noise)
+            refined = record.get("refined_scores", torch.empty(0))
+            return [record[key] for key in keys] + [tuple(refined.shape)]
+
+        check_stable_under_noise(decide, what, level=DECODER_NOISE)
+
     class_prompts = [class_prompt(CLASS_NAMES[c]) for c in ORACLE_CLASSES]
     probe = build(0.0, False, False)
     probe.eval()
     scores = run(probe, class_prompts, ORACLE_CLASSES)["scores"].sort().values
-    # a panoptic / instance threshold in the widest gap of the middle half of the scores
-    middle = scores[len(scores) // 4 : 3 * len(scores) // 4 + 1]
-    gap = int((middle[1:] - middle[:-1]).argmax())
-    threshold = float((middle[gap] + middle[gap + 1]) / 2)
-    threshold = max(threshold, 0.5)
+    # a panoptic / instance threshold in the widest gap between the 2nd and the 6th best
+    # score: SAM2's random masks are flat (logits within +-0.3, scores within 0.5-0.55), so
+    # every further kept mask adds boundaries decided by near ties
+    best = scores.flip(0)[1:6]
+    gap = int((best[:-1] - best[1:]).argmax())
+    threshold = float((best[gap] + best[gap + 1]) / 2)
 
     outputs = {"score_threshold": threshold, "sam2_scores_sorted": scores}
     model = build(threshold, False, False)
     model.eval()
     outputs["classes"] = run(model, class_prompts, ORACLE_CLASSES)
+    check_stable(model, class_prompts, ORACLE_CLASSES, SEGMENTATION, "class-prompt post-processing")
     two_stage = build(threshold, True, False)
     two_stage.eval()
     outputs["two_stage"] = run(two_stage, class_prompts, ORACLE_CLASSES)
+    check_stable(two_stage, class_prompts, ORACLE_CLASSES, SEGMENTATION, "two-stage post-processing")
     refer = build(0.0, False, True)
     refer.eval()
     outputs["referring"] = run(refer, SENTENCES, list(range(len(SENTENCES))))
+    check_stable(refer, SENTENCES, list(range(len(SENTENCES))), ["ref_masks"], "referring mask choice")
     outputs["tokenizer_probe"] = {
         text: tokenizer(text).input_ids for text in ["dog", "Ω zebra", SENTENCES[1], "object"]
     }
@@ -365,7 +440,6 @@ def generate(reference_root: Path, out_dir: Path) -> None:
                          "cross_attention_transformer."))
     }
     torch.save(state, out_dir / "weights.pt")
-    torch.save(checksum(sam2_state), out_dir / "sam2_checksum.pt")
     torch.save(
         {"image": torch.from_numpy(image).permute(2, 0, 1).contiguous(), "gt_masks": masks.bool(),
          "gt_classes": classes, "class_names": CLASS_NAMES, "thing_ids": THING_IDS,
@@ -376,4 +450,4 @@ def generate(reference_root: Path, out_dir: Path) -> None:
         out_dir / "inputs.pt",
     )
     torch.save(outputs, out_dir / "outputs.pt")
-    print(f"[openworldsam] threshold {threshold:.4f}; scores {scores.tolist()}")
+    print(f"[openworldsam] seed {seed}: threshold {threshold:.4f}; scores {scores.tolist()}")
