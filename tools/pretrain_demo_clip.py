@@ -66,7 +66,7 @@ def format_accuracy(accuracy: Dict[str, float]) -> str:
 def main(argv: Optional[List[str]] = None) -> Dict[str, float]:
     args = parse_args(argv)
     setup_logger(name="openseg")
-    opts = [opt for opt in args.opts if opt != "--"]
+    opts = args.opts[1:] if args.opts[:1] == ["--"] else args.opts
     cfg = load_config(args.config_file, opts)
     if args.model_name:
         cfg.MODEL.CLIP.MODEL_NAME = args.model_name
