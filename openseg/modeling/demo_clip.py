@@ -105,7 +105,7 @@ def pretrain(
 
     No weight decay: only the few tokens of the demo vocabulary receive gradients, and decay
     would shrink every other token embedding for nothing."""
-    params = [param for param in backbone.clip_model.parameters()]
+    params = list(backbone.clip_model.parameters())
     for param in params:
         param.requires_grad = True
     backbone.clip_model.train()
