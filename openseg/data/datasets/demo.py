@@ -35,6 +35,10 @@ IGNORE_LABEL = 255
 NUM_IMAGES = {"train": 160, "val": 32}
 # image ids are globally unique: val ids start after this offset
 IMAGE_ID_OFFSET = {"train": 1, "val": 1_000_001}
+# image `index` of a stream is rendered from the seed [SEED, stream, index]: the dataset splits,
+# then the demo CLIP's pre-training images (its "web data", openseg.modeling.demo_clip) and its
+# held-out images, so no pre-training image is a train / val image
+SEED_STREAMS = {"train": 0, "val": 1, "clip_pretrain": 2, "clip_held_out": 3}
 
 THING_CLASSES = ["circle", "square", "triangle", "cross"]
 STUFF_ONLY_CLASSES = ["sky", "grass", "water", "sand"]
@@ -180,6 +184,12 @@ def _place_things(
     return [(name, visible) for name, _, visible in placed]
 
 
+def render_image(stream: str, index: int) -> Tuple[np.ndarray, List[Tuple[str, np.ndarray]]]:
+    """Image `index` of a `SEED_STREAMS` stream ([H, W, 3] uint8 RGB) and its non-overlapping
+    (class name, bool mask) segments; only the "train" stream leaves out the unseen classes."""
+    return _render(np.random.default_rng([SEED, SEED_STREAMS[stream], index]), stream)
+
+
 def _render(
     rng: np.random.Generator, split: str
 ) -> Tuple[np.ndarray, List[Tuple[str, np.ndarray]]]:
@@ -220,10 +230,8 @@ def _write_split(out_dir: Path, split: str, num_images: int) -> None:
     paths["json_file"].parent.mkdir(parents=True, exist_ok=True)
 
     images, pan_annotations, instance_annotations = [], [], []
-    split_index = sorted(NUM_IMAGES).index(split)
     for index in range(num_images):
-        rng = np.random.default_rng([SEED, split_index, index])
-        image, segments = _render(rng, split)
+        image, segments = render_image(split, index)
         image_id = IMAGE_ID_OFFSET[split] + index
         stem = f"{image_id:07d}"
         Image.fromarray(image).save(paths["image_root"] / f"{stem}.jpg", quality=95)
