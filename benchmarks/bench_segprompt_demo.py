@@ -37,15 +37,23 @@ from pathlib import Path
 from typing import Dict, List, Tuple
 
 ROOT = Path(__file__).resolve().parents[1]
-CLASS_AWARE = "configs/demo/segprompt_R18_class_aware.yaml"
-BASELINE = "configs/demo/segprompt_R18_baseline.yaml"
-SEGPROMPT = "configs/demo/segprompt_R18.yaml"
-SCRATCH = {
-    "class-aware M2F": CLASS_AWARE,
-    "class-agnostic M2F": BASELINE,
-    "SegPrompt": SEGPROMPT,
+# --dataset: the three configs (class-aware, class-agnostic, SegPrompt) and the test set
+DATASETS = {
+    "ow": (
+        "configs/demo/segprompt_R18_class_aware.yaml",
+        "configs/demo/segprompt_R18_baseline.yaml",
+        "configs/demo/segprompt_R18.yaml",
+        "openseg_demo_ow_val_large",
+    ),
+    "ow_shapes": (
+        "configs/demo/segprompt_R18_shapes_class_aware.yaml",
+        "configs/demo/segprompt_R18_shapes_baseline.yaml",
+        "configs/demo/segprompt_R18_shapes.yaml",
+        "openseg_demo_ow_shapes_val",
+    ),
 }
-FINETUNE = {"class-agnostic M2F, fine-tuned": BASELINE, "SegPrompt, fine-tuned": SEGPROMPT}
+SCRATCH = ["class-aware M2F", "class-agnostic M2F", "SegPrompt"]
+FINETUNE = ["class-agnostic M2F, fine-tuned", "SegPrompt, fine-tuned"]
 STAGE1 = "class-agnostic M2F, stage 1"
 # SegPrompt's modules absent from the baseline checkpoint (as configs/lvis_ow/segprompt_R50.yaml)
 NEW_MODULES = ("prompt_cache.", "query_builder.")
@@ -125,13 +133,21 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--protocols", nargs="+", default=["scratch", "finetune"])
     parser.add_argument(
-        "--scratch-models", nargs="+", default=list(SCRATCH), choices=list(SCRATCH),
+        "--scratch-models", nargs="+", default=SCRATCH, choices=SCRATCH,
         help="the models of protocol scratch",
     )
-    parser.add_argument("--val", default="openseg_demo_ow_val_large", help="test dataset")
+    parser.add_argument(
+        "--dataset", default="ow", choices=list(DATASETS),
+        help="ow: openseg_demo_ow_* (2 known shapes); ow_shapes: openseg_demo_ow_shapes_* (7 known)",
+    )
+    parser.add_argument("--val", default=None, help="test dataset (default: the --dataset's)")
     parser.add_argument("--jobs", type=int, default=1, help="models trained at the same time")
     parser.add_argument("--output-dir", default=None, help="default: a temporary directory")
     args = parser.parse_args()
+    class_aware, baseline, segprompt, default_val = DATASETS[args.dataset]
+    args.val = args.val or default_val
+    configs = dict(zip(SCRATCH, (class_aware, baseline, segprompt)))
+    configs.update(zip(FINETUNE, (baseline, segprompt)))
     out = Path(args.output_dir or tempfile.mkdtemp(prefix="bench_segprompt_"))
     out.mkdir(parents=True, exist_ok=True)
     half = args.iters // 2
@@ -151,13 +167,13 @@ def main() -> None:
         """Train stage 1, then queue both fine-tunes of its checkpoint (before this future
         ends, so the wait loop below sees them)."""
         opts = schedule_opts(half, args.batch, seed, args.val, SCRATCH_DROPS)
-        metrics = train_and_evaluate(BASELINE, opts, directory(STAGE1, seed))
+        metrics = train_and_evaluate(baseline, opts, directory(STAGE1, seed))
         opts = schedule_opts(half, args.batch, seed, args.val, FINETUNE_DROPS)
         weights = directory(STAGE1, seed) / "model_final.pth"
         opts += ["MODEL.WEIGHTS", str(weights), "MODEL.BACKBONE.FREEZE_AT", "5"]
         opts += ["MODEL.WEIGHTS_ALLOW_MISSING", str(list(NEW_MODULES))]
-        for name, config in FINETUNE.items():
-            run(name, seed, config, opts)
+        for name in FINETUNE:
+            run(name, seed, configs[name], opts)
         return metrics
 
     for seed in args.seeds:  # stage 1 first, so the fine-tunes can start early
@@ -168,7 +184,7 @@ def main() -> None:
         if "scratch" in args.protocols:
             opts = schedule_opts(args.iters, args.batch, seed, args.val, SCRATCH_DROPS)
             for name in args.scratch_models:
-                run(name, seed, SCRATCH[name], opts)
+                run(name, seed, configs[name], opts)
     while True:  # fine-tunes are submitted as their stage 1 ends
         with lock:
             pending = [f for f in futures.values() if not f.done()]
@@ -181,7 +197,7 @@ def main() -> None:
     names = [n for n in [*SCRATCH, STAGE1, *FINETUNE] if any(k[0] == n for k in results)]
     print(
         f"\n{args.iters} iterations x {args.batch} images (fine-tune: {half} + {half}), "
-        f"seeds {args.seeds}, {args.val}; mean ± std over seeds (logs in {out})"
+        f"seeds {args.seeds}, trained on --dataset {args.dataset}, tested on {args.val}; mean ± std over seeds (logs in {out})"
     )
     print("| model | " + " | ".join(KEYS) + " |")
     print("|---|" + "---:|" * len(KEYS))
