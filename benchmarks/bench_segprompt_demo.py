@@ -1,13 +1,18 @@
 """SegPrompt's direction on the demo open-world split (Zhu et al. ICCV 2023, Table 2 / Table 5).
 
 The paper's claim is AR_unseen(SegPrompt) > AR_unseen(class-agnostic) > AR_unseen(class-aware).
-For each seed this trains, on openseg_demo_ow_train, and scores with the open-world class-wise
-AR on openseg_demo_ow_val_large (320 images, 232 unseen crosses; `--val` to change):
+For each seed this trains and scores with the open-world class-wise AR (`--val` to change the
+test set) on one of two demo splits (`--dataset`):
+- `ow`: openseg_demo_ow_train (2 known shapes, 1 seen), tested on openseg_demo_ow_val_large
+  (320 images, 232 unseen crosses); configs/demo/segprompt_R18{_class_aware,_baseline,}.yaml;
+- `ow_shapes`: openseg_demo_ow_shapes_train (7 known, 2 seen, 3 unseen shapes in random
+  colours), tested on openseg_demo_ow_shapes_val (400 images, 236 unseen shapes);
+  configs/demo/segprompt_R18_shapes{_class_aware,_baseline,}.yaml.
 
 protocol "scratch" (equal budget, every model from scratch for `--iters`):
-- class-aware Mask2Former (configs/demo/segprompt_R18_class_aware.yaml),
-- class-agnostic Mask2Former (configs/demo/segprompt_R18_baseline.yaml, SegPrompt's branches off),
-- SegPrompt (configs/demo/segprompt_R18.yaml);
+- class-aware Mask2Former (*_class_aware.yaml),
+- class-agnostic Mask2Former (*_baseline.yaml, SegPrompt's branches off),
+- SegPrompt;
 
 protocol "finetune" (the release's, configs/lvis_ow/segprompt_R50.yaml: SegPrompt fine-tunes the
 trained class-agnostic baseline with the backbone frozen; here at equal total budget):
@@ -21,6 +26,8 @@ them at a time; the table gives mean ± sample std over the seeds, then the pair
 differences of AR_unseen and AR_known (SegPrompt minus its control).
 
     PYTHONPATH=. python benchmarks/bench_segprompt_demo.py --iters 500 --seeds 0 1 2 --jobs 3
+    OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/bench_segprompt_demo.py --dataset ow_shapes \
+        --iters 1000 --seeds 0 1 2 --jobs 1 --protocols scratch
 """
 
 import argparse

@@ -9,6 +9,13 @@ Yu et al. NeurIPS 2023, Sec. 4).
 
 Files are generated deterministically (seeded numpy per image) on first use under
 `dataset_root()/openseg_demo` and regenerated only when the version stamp changes.
+
+`generate_shape_scenes` renders a second family for open-world probes (used by
+`openseg_demo_ow_shapes_*`, see lvis_ow.py): 1-4 shapes of up to 12 geometries (THING_CLASSES
+and SHAPE_CLASSES), each flat in its own random colour, so the outline alone tells the class,
+on the same stuff textures; COCO instance JSON only, its own seed and directory. It shares the
+geometry, placement and texture code, and leaves what the demo splits render unchanged (pinned
+by tests/test_demo_dataset.py).
 """
 
 import colorsys
