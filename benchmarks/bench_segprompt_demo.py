@@ -202,9 +202,11 @@ def main() -> None:
     results = {key: future.result() for key, future in futures.items()}
 
     names = [n for n in [*SCRATCH, STAGE1, *FINETUNE] if any(k[0] == n for k in results)]
+    finetune = f" (fine-tune: {half} + {half})" if "finetune" in args.protocols else ""
     print(
-        f"\n{args.iters} iterations x {args.batch} images (fine-tune: {half} + {half}), "
-        f"seeds {args.seeds}, trained on --dataset {args.dataset}, tested on {args.val}; mean ± std over seeds (logs in {out})"
+        f"\n{args.iters} iterations x {args.batch} images{finetune}, seeds {args.seeds}, "
+        f"trained on --dataset {args.dataset}, tested on {args.val}; mean ± std over seeds "
+        f"(logs in {out})"
     )
     print("| model | " + " | ".join(KEYS) + " |")
     print("|---|" + "---:|" * len(KEYS))
