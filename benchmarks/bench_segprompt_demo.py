@@ -1,13 +1,18 @@
 """SegPrompt's direction on the demo open-world split (Zhu et al. ICCV 2023, Table 2 / Table 5).
 
 The paper's claim is AR_unseen(SegPrompt) > AR_unseen(class-agnostic) > AR_unseen(class-aware).
-For each seed this trains, on openseg_demo_ow_train, and scores with the open-world class-wise
-AR on openseg_demo_ow_val_large (320 images, 232 unseen crosses; `--val` to change):
+For each seed this trains and scores with the open-world class-wise AR (`--val` to change the
+test set) on one of two demo splits (`--dataset`):
+- `ow`: openseg_demo_ow_train (2 known shapes, 1 seen), tested on openseg_demo_ow_val_large
+  (320 images, 232 unseen crosses); configs/demo/segprompt_R18{_class_aware,_baseline,}.yaml;
+- `ow_shapes`: openseg_demo_ow_shapes_train (7 known, 2 seen, 3 unseen shapes in random
+  colours), tested on openseg_demo_ow_shapes_val (400 images, 236 unseen shapes);
+  configs/demo/segprompt_R18_shapes{_class_aware,_baseline,}.yaml.
 
 protocol "scratch" (equal budget, every model from scratch for `--iters`):
-- class-aware Mask2Former (configs/demo/segprompt_R18_class_aware.yaml),
-- class-agnostic Mask2Former (configs/demo/segprompt_R18_baseline.yaml, SegPrompt's branches off),
-- SegPrompt (configs/demo/segprompt_R18.yaml);
+- class-aware Mask2Former (*_class_aware.yaml),
+- class-agnostic Mask2Former (*_baseline.yaml, SegPrompt's branches off),
+- SegPrompt;
 
 protocol "finetune" (the release's, configs/lvis_ow/segprompt_R50.yaml: SegPrompt fine-tunes the
 trained class-agnostic baseline with the backbone frozen; here at equal total budget):
@@ -21,6 +26,8 @@ them at a time; the table gives mean ± sample std over the seeds, then the pair
 differences of AR_unseen and AR_known (SegPrompt minus its control).
 
     PYTHONPATH=. python benchmarks/bench_segprompt_demo.py --iters 500 --seeds 0 1 2 --jobs 3
+    OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/bench_segprompt_demo.py --dataset ow_shapes \
+        --iters 1000 --seeds 0 1 2 --jobs 1 --protocols scratch
 """
 
 import argparse
@@ -37,15 +44,23 @@ from pathlib import Path
 from typing import Dict, List, Tuple
 
 ROOT = Path(__file__).resolve().parents[1]
-CLASS_AWARE = "configs/demo/segprompt_R18_class_aware.yaml"
-BASELINE = "configs/demo/segprompt_R18_baseline.yaml"
-SEGPROMPT = "configs/demo/segprompt_R18.yaml"
-SCRATCH = {
-    "class-aware M2F": CLASS_AWARE,
-    "class-agnostic M2F": BASELINE,
-    "SegPrompt": SEGPROMPT,
+# --dataset: the three configs (class-aware, class-agnostic, SegPrompt) and the test set
+DATASETS = {
+    "ow": (
+        "configs/demo/segprompt_R18_class_aware.yaml",
+        "configs/demo/segprompt_R18_baseline.yaml",
+        "configs/demo/segprompt_R18.yaml",
+        "openseg_demo_ow_val_large",
+    ),
+    "ow_shapes": (
+        "configs/demo/segprompt_R18_shapes_class_aware.yaml",
+        "configs/demo/segprompt_R18_shapes_baseline.yaml",
+        "configs/demo/segprompt_R18_shapes.yaml",
+        "openseg_demo_ow_shapes_val",
+    ),
 }
-FINETUNE = {"class-agnostic M2F, fine-tuned": BASELINE, "SegPrompt, fine-tuned": SEGPROMPT}
+SCRATCH = ["class-aware M2F", "class-agnostic M2F", "SegPrompt"]
+FINETUNE = ["class-agnostic M2F, fine-tuned", "SegPrompt, fine-tuned"]
 STAGE1 = "class-agnostic M2F, stage 1"
 # SegPrompt's modules absent from the baseline checkpoint (as configs/lvis_ow/segprompt_R50.yaml)
 NEW_MODULES = ("prompt_cache.", "query_builder.")
@@ -125,13 +140,21 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--protocols", nargs="+", default=["scratch", "finetune"])
     parser.add_argument(
-        "--scratch-models", nargs="+", default=list(SCRATCH), choices=list(SCRATCH),
+        "--scratch-models", nargs="+", default=SCRATCH, choices=SCRATCH,
         help="the models of protocol scratch",
     )
-    parser.add_argument("--val", default="openseg_demo_ow_val_large", help="test dataset")
+    parser.add_argument(
+        "--dataset", default="ow", choices=list(DATASETS),
+        help="ow: openseg_demo_ow_* (2 known shapes); ow_shapes: openseg_demo_ow_shapes_* (7 known)",
+    )
+    parser.add_argument("--val", default=None, help="test dataset (default: the --dataset's)")
     parser.add_argument("--jobs", type=int, default=1, help="models trained at the same time")
     parser.add_argument("--output-dir", default=None, help="default: a temporary directory")
     args = parser.parse_args()
+    class_aware, baseline, segprompt, default_val = DATASETS[args.dataset]
+    args.val = args.val or default_val
+    configs = dict(zip(SCRATCH, (class_aware, baseline, segprompt)))
+    configs.update(zip(FINETUNE, (baseline, segprompt)))
     out = Path(args.output_dir or tempfile.mkdtemp(prefix="bench_segprompt_"))
     out.mkdir(parents=True, exist_ok=True)
     half = args.iters // 2
@@ -151,13 +174,13 @@ def main() -> None:
         """Train stage 1, then queue both fine-tunes of its checkpoint (before this future
         ends, so the wait loop below sees them)."""
         opts = schedule_opts(half, args.batch, seed, args.val, SCRATCH_DROPS)
-        metrics = train_and_evaluate(BASELINE, opts, directory(STAGE1, seed))
+        metrics = train_and_evaluate(baseline, opts, directory(STAGE1, seed))
         opts = schedule_opts(half, args.batch, seed, args.val, FINETUNE_DROPS)
         weights = directory(STAGE1, seed) / "model_final.pth"
         opts += ["MODEL.WEIGHTS", str(weights), "MODEL.BACKBONE.FREEZE_AT", "5"]
         opts += ["MODEL.WEIGHTS_ALLOW_MISSING", str(list(NEW_MODULES))]
-        for name, config in FINETUNE.items():
-            run(name, seed, config, opts)
+        for name in FINETUNE:
+            run(name, seed, configs[name], opts)
         return metrics
 
     for seed in args.seeds:  # stage 1 first, so the fine-tunes can start early
@@ -168,7 +191,7 @@ def main() -> None:
         if "scratch" in args.protocols:
             opts = schedule_opts(args.iters, args.batch, seed, args.val, SCRATCH_DROPS)
             for name in args.scratch_models:
-                run(name, seed, SCRATCH[name], opts)
+                run(name, seed, configs[name], opts)
     while True:  # fine-tunes are submitted as their stage 1 ends
         with lock:
             pending = [f for f in futures.values() if not f.done()]
@@ -179,9 +202,11 @@ def main() -> None:
     results = {key: future.result() for key, future in futures.items()}
 
     names = [n for n in [*SCRATCH, STAGE1, *FINETUNE] if any(k[0] == n for k in results)]
+    finetune = f" (fine-tune: {half} + {half})" if "finetune" in args.protocols else ""
     print(
-        f"\n{args.iters} iterations x {args.batch} images (fine-tune: {half} + {half}), "
-        f"seeds {args.seeds}, {args.val}; mean ± std over seeds (logs in {out})"
+        f"\n{args.iters} iterations x {args.batch} images{finetune}, seeds {args.seeds}, "
+        f"trained on --dataset {args.dataset}, tested on {args.val}; mean ± std over seeds "
+        f"(logs in {out})"
     )
     print("| model | " + " | ".join(KEYS) + " |")
     print("|---|" + "---:|" * len(KEYS))

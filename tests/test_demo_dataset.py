@@ -23,7 +23,16 @@ from pycocotools.cocoeval import COCOeval
 
 import openseg.data  # noqa: F401  registers the datasets
 from openseg.data.datasets.common import dataset_root
-from openseg.data.datasets.demo import generate_demo, register_all_demo
+from openseg.data.datasets.demo import (
+    SEED,
+    _render,
+    _shape_mask,
+    generate_demo,
+    register_all_demo,
+)
+
+# sha256 of the first three renders of each split (test_renders_of_the_demo_splits_are_pinned)
+RENDER_DIGEST = "f16ccdd784e25aa8ca9394b99534b7c6ac388f9fe4d1ef5c96d905ddb767cdf9"
 
 
 @pytest.fixture(scope="module")
@@ -155,6 +164,43 @@ def test_generation_is_deterministic_and_versioned(tmp_path):
         ]
     )
     assert mask.shape == (128, 128) and mask.any()
+
+
+def test_renders_of_the_demo_splits_are_pinned():
+    """The pixels and segments `_render` gives the first images of each split (before JPEG /
+    PNG encoding, so independent of the codecs) are pinned: extending the renderer must leave
+    the existing demo data, and the numbers measured on it, unchanged."""
+    digest = hashlib.sha256()
+    for split_index, split in enumerate(("train", "val")):
+        for index in range(3):
+            image, segments = _render(np.random.default_rng([SEED, split_index, index]), split)
+            digest.update(image.tobytes())
+            for name, mask in segments:
+                digest.update(name.encode() + np.packbits(mask).tobytes())
+    assert digest.hexdigest() == RENDER_DIGEST
+
+
+@pytest.mark.parametrize(
+    "name, area",
+    [  # hand-computed areas at radius r
+        ("circle", np.pi), ("square", 4.0), ("triangle", 2.0), ("cross", 20 / 9),
+        ("ellipse", 0.55 * np.pi), ("diamond", 2.0), ("ring", 0.75 * np.pi),
+        ("semicircle", np.pi / 2), ("hexagon", 1.5 * np.sqrt(3)), ("ell", 20 / 9),
+        # 5 kites (tip, inner vertex, centre, inner vertex): 10 * (1/2) r * 0.45 r * sin(36°)
+        ("star", 2.25 * np.sin(np.pi / 5)),
+    ],
+)
+def test_shape_areas(name, area):
+    radius = 50
+    mask = _shape_mask(name, 63.5, 63.5, radius, 128)
+    assert mask.sum() == pytest.approx(area * radius**2, rel=0.03)
+
+
+def test_star_and_crescent_geometry():
+    star = _shape_mask("star", 64, 64, 40, 128)
+    assert star[64 - 38, 64] and not star[64 + 38, 64]  # a tip up, an inner vertex down
+    crescent = _shape_mask("crescent", 64, 64, 40, 128)
+    assert crescent[64, 64 - 38] and not crescent[64, 64] and not crescent[64, 64 + 38]
 
 
 def test_detectron2_evaluators_score_ground_truth_perfectly(demo_root):

@@ -291,6 +291,53 @@ def test_demo_open_world_large_val_extends_val(tmp_path, monkeypatch):
     assert meta.evaluators == ["open_world_ar"]
 
 
+def test_demo_open_world_shapes_split(tmp_path, monkeypatch):
+    """openseg_demo_ow_shapes (60 / 30 images here): training labels are the 7 known shapes;
+    the 2 seen shapes are drawn in training images (in the file, without labels), the 3 unseen
+    never; val draws and labels all 12; each image holds 1-4 shapes."""
+    from openseg.data.datasets import lvis_ow
+    from openseg.data.datasets.demo import split_paths
+
+    monkeypatch.setattr(lvis_ow, "DEMO_OW_SHAPES_IMAGES", {"train": 60, "val": 30})
+    train = lvis_ow.load_demo_ow_shapes(tmp_path, "train")
+    val = lvis_ow.load_demo_ow_shapes(tmp_path, "val")
+    assert len(train) == 60 and len(val) == 30
+    assert len({d["image_id"] for d in train + val}) == 90
+    labels = [a["category_id"] for d in train for a in d["annotations"]]
+    assert set(labels) == set(range(7))
+    drawn = json.loads(
+        Path(split_paths(tmp_path / "openseg_demo_ow_shapes", "train")["json_file"]).read_text()
+    )["annotations"]
+    drawn_ids = [a["category_id"] - 1 for a in drawn]
+    assert set(drawn_ids) == set(range(9))  # known and seen drawn, unseen (9, 10, 11) never
+    assert len(labels) == sum(i < 7 for i in drawn_ids)  # exactly the seen labels dropped
+    assert {a["category_id"] for d in val for a in d["annotations"]} == set(range(12))
+    assert all(1 <= len(d["annotations"]) <= 4 for d in val)
+    meta = MetadataCatalog.get("openseg_demo_ow_shapes_val")
+    assert meta.class_splits == {"known": list(range(7)), "seen": [7, 8], "unseen": [9, 10, 11]}
+    assert [meta.thing_classes[i] for i in (7, 8, 9, 10, 11)] == [
+        "hexagon", "ell", "cross", "crescent", "star"
+    ]
+    assert meta.evaluators == ["open_world_ar"]
+
+
+def test_demo_open_world_shapes_configs():
+    """The three shapes configs train on the shapes split and test on its val; SegPrompt's
+    C_max covers every known class."""
+    from openseg.config import load_config
+
+    for name in ("segprompt_R18_shapes", "segprompt_R18_shapes_baseline",
+                 "segprompt_R18_shapes_class_aware"):
+        cfg = load_config(str(REPO / "configs" / "demo" / f"{name}.yaml"))
+        assert cfg.DATASETS.TRAIN == ("openseg_demo_ow_shapes_train",)
+        assert cfg.DATASETS.TEST == ("openseg_demo_ow_shapes_val",)
+        assert cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES == 12
+    assert cfg.MODEL.META_ARCHITECTURE == "OpenSegMaskFormer"  # the class-aware one
+    segprompt = load_config(str(REPO / "configs" / "demo" / "segprompt_R18_shapes.yaml"))
+    assert segprompt.MODEL.SEGPROMPT.AUXILIARY == "segprompt"
+    assert segprompt.MODEL.SEGPROMPT.MAX_PROMPT_CLASSES == 7
+
+
 @pytest.mark.parametrize(
     "config, train, num_classes, agnostic, segprompt",
     [

@@ -480,6 +480,9 @@ def test_bad_config_is_reported():
         "demo/segprompt_R18.yaml",
         "demo/segprompt_R18_baseline.yaml",
         "demo/segprompt_R18_class_aware.yaml",
+        "demo/segprompt_R18_shapes.yaml",
+        "demo/segprompt_R18_shapes_baseline.yaml",
+        "demo/segprompt_R18_shapes_class_aware.yaml",
     ],
 )
 def test_configs_load(config):

@@ -9,15 +9,23 @@ Yu et al. NeurIPS 2023, Sec. 4).
 
 Files are generated deterministically (seeded numpy per image) on first use under
 `dataset_root()/openseg_demo` and regenerated only when the version stamp changes.
+
+`generate_shape_scenes` renders a second family for open-world probes (used by
+`openseg_demo_ow_shapes_*`, see lvis_ow.py): 1-4 shapes of up to 12 geometries (THING_CLASSES
+and SHAPE_CLASSES), each flat in its own random colour, so the outline alone tells the class,
+on the same stuff textures; COCO instance JSON only, its own seed and directory. It shares the
+geometry, placement and texture code, and leaves what the demo splits render unchanged (pinned
+by tests/test_demo_dataset.py).
 """
 
+import colorsys
 import json
 import os
 import shutil
 import tempfile
 from functools import partial
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Sequence, Tuple
 
 import numpy as np
 from panopticapi.utils import id2rgb
@@ -64,6 +72,11 @@ COLORS = {
     "water": (20, 60, 140),
     "sand": (210, 180, 120),
 }
+# further geometries for shape-only scenes (`generate_shape_scenes`): drawn in random colours,
+# so only the outline tells the class
+SHAPE_CLASSES = ["ellipse", "diamond", "ring", "semicircle", "hexagon", "ell", "crescent", "star"]
+SHAPES_VERSION = "openseg-demo-shapes-v1"
+SHAPES_SEED = 20261201
 # original (dataset) category ids: 1..8, things first, so contiguous id = dataset id - 1
 CATEGORY_IDS = {name: index + 1 for index, name in enumerate(ALL_CLASSES)}
 MIN_VISIBLE_PIXELS = 40
@@ -104,9 +117,9 @@ def split_paths(demo_dir: Path, split: str) -> Dict[str, str]:
     }
 
 
-def _version_stamp(num_images: Dict[str, int]) -> str:
+def _version_stamp(num_images: Dict[str, int], version: str = DEMO_VERSION) -> str:
     counts = " ".join(f"{split}={count}" for split, count in sorted(num_images.items()))
-    return f"{DEMO_VERSION} {counts}\n"
+    return f"{version} {counts}\n"
 
 
 def _texture(name: str, rng: np.random.Generator, size: int) -> np.ndarray:
@@ -130,6 +143,8 @@ def _texture(name: str, rng: np.random.Generator, size: int) -> np.ndarray:
 
 
 def _shape_mask(name: str, cx: float, cy: float, radius: float, size: int) -> np.ndarray:
+    """Pixels of shape `name` (THING_CLASSES or SHAPE_CLASSES) centred at (cx, cy) with
+    half-size `radius`."""
     ys, xs = np.mgrid[0:size, 0:size].astype(np.float32)
     dx, dy = np.abs(xs - cx), np.abs(ys - cy)
     if name == "circle":
@@ -142,7 +157,38 @@ def _shape_mask(name: str, cx: float, cy: float, radius: float, size: int) -> np
     if name == "cross":
         arm = radius / 3
         return ((dx <= arm) & (dy <= radius)) | ((dy <= arm) & (dx <= radius))
-    raise ValueError(f"{name!r} is not a demo thing class {THING_CLASSES}.")
+    ox, oy = xs - cx, ys - cy
+    if name == "ellipse":
+        return (dx / radius) ** 2 + (dy / (0.55 * radius)) ** 2 <= 1
+    if name == "diamond":
+        return dx + dy <= radius
+    if name == "ring":
+        return (0.25 * radius**2 <= dx**2 + dy**2) & (dx**2 + dy**2 <= radius**2)
+    if name == "semicircle":
+        return (dx**2 + dy**2 <= radius**2) & (oy <= 0)
+    if name == "hexagon":
+        return (dy <= 0.5 * np.sqrt(3) * radius) & (np.sqrt(3) * dx + dy <= np.sqrt(3) * radius)
+    if name == "ell":
+        vertical = (ox <= -radius / 3) & (ox >= -radius) & (dy <= radius)
+        return vertical | ((oy >= radius / 3) & (oy <= radius) & (dx <= radius))
+    if name == "crescent":
+        bite = (ox - 0.45 * radius) ** 2 + oy**2 > (0.8 * radius) ** 2
+        return (dx**2 + dy**2 <= radius**2) & bite
+    if name == "star":
+        return _star_mask(ox, oy, radius)
+    raise ValueError(f"{name!r} is not a demo shape {THING_CLASSES + SHAPE_CLASSES}.")
+
+
+def _star_mask(ox: np.ndarray, oy: np.ndarray, radius: float) -> np.ndarray:
+    """A five-pointed star, one tip up, inner radius 0.45 * radius: each pixel is folded into
+    the half-sector of its nearest tip and tested against the tip-to-inner-vertex edge."""
+    half = np.pi / 5
+    angle = np.arctan2(oy, ox) + np.pi / 2  # 0 on the upward tip
+    folded = np.abs(np.mod(angle + half, 2 * half) - half)
+    distance = np.hypot(ox, oy)
+    u, v = distance * np.cos(folded), distance * np.sin(folded)
+    a, b = 0.45 * radius * np.cos(half), 0.45 * radius * np.sin(half)
+    return (a - radius) * v - b * (u - radius) >= 0
 
 
 def _stuff_layout(
@@ -210,6 +256,28 @@ def _render(
             segments.append((name, mask))
     image += rng.normal(0.0, 8.0, size=image.shape)
     return np.clip(np.round(image), 0, 255).astype(np.uint8), segments + things
+
+
+def _random_colour(rng: np.random.Generator) -> np.ndarray:
+    """A saturated, bright RGB colour of uniform hue (HSV s in [0.5, 1], v in [0.6, 1])."""
+    hue, saturation, value = rng.uniform([0.0, 0.5, 0.6], [1.0, 1.0, 1.0])
+    return 255.0 * np.array(colorsys.hsv_to_rgb(hue, saturation, value), np.float32)
+
+
+def _render_shapes(
+    rng: np.random.Generator, thing_names: Sequence[str]
+) -> Tuple[np.ndarray, List[Tuple[str, np.ndarray]]]:
+    """One image of 1-4 shapes of `thing_names`, each flat in its own random colour, on the
+    stuff textures; returns the image and the shapes' (class name, visible mask)."""
+    stuff = _stuff_layout(rng, STUFF_ONLY_CLASSES, IMAGE_SIZE)
+    things = _place_things(rng, thing_names, IMAGE_SIZE)
+    image = np.zeros((IMAGE_SIZE, IMAGE_SIZE, 3), np.float32)
+    for name, mask in stuff:
+        image[mask] = _texture(name, rng, IMAGE_SIZE)[mask]
+    for _, mask in things:
+        image[mask] = _random_colour(rng)
+    image += rng.normal(0.0, 8.0, size=image.shape)
+    return np.clip(np.round(image), 0, 255).astype(np.uint8), things
 
 
 def _mask_record(mask: np.ndarray) -> dict:
@@ -298,38 +366,105 @@ def _is_current(demo_dir: Path, stamp: str) -> bool:
     return version_file.is_file() and version_file.read_text() == stamp
 
 
-def generate_demo(
-    root: os.PathLike, num_train: int = NUM_IMAGES["train"], num_val: int = NUM_IMAGES["val"]
-) -> Path:
-    """Make `root/openseg_demo` hold the demo dataset with these split sizes; return its path.
+def _generate_atomically(demo_dir: Path, stamp: str, write: Callable[[Path], None]) -> Path:
+    """Make `demo_dir` hold what `write(directory)` writes, unless its VERSION is `stamp`.
 
     Files are written to a temporary sibling directory and moved into place with
     `os.replace`, so concurrent processes (DDP ranks) never see a half-written dataset; an
     existing copy with the same version stamp is kept as it is.
     """
-    root = Path(root)
-    demo_dir = root / DEMO_DIRNAME
-    stamp = _version_stamp({"train": num_train, "val": num_val})
     if _is_current(demo_dir, stamp):
         return demo_dir
-    root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{DEMO_DIRNAME}-", dir=root))
+    demo_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{demo_dir.name}-", dir=demo_dir.parent))
     try:
-        _write_split(staging, "train", num_train)
-        _write_split(staging, "val", num_val)
+        write(staging)
         (staging / "VERSION").write_text(stamp)
         try:
             os.replace(staging, demo_dir)
         except OSError:  # demo_dir exists and is not empty
             if _is_current(demo_dir, stamp):  # another process finished first
                 return demo_dir
-            stale = Path(tempfile.mkdtemp(prefix=f".{DEMO_DIRNAME}-stale-", dir=root))
+            stale = Path(tempfile.mkdtemp(prefix=f".{demo_dir.name}-stale-", dir=demo_dir.parent))
             os.replace(demo_dir, stale)
             os.replace(staging, demo_dir)
             shutil.rmtree(stale, ignore_errors=True)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return demo_dir
+
+
+def generate_demo(
+    root: os.PathLike, num_train: int = NUM_IMAGES["train"], num_val: int = NUM_IMAGES["val"]
+) -> Path:
+    """Make `root/openseg_demo` hold the demo dataset with these split sizes; return its path
+    (written atomically, see `_generate_atomically`)."""
+
+    def write(directory: Path) -> None:
+        _write_split(directory, "train", num_train)
+        _write_split(directory, "val", num_val)
+
+    stamp = _version_stamp({"train": num_train, "val": num_val})
+    return _generate_atomically(Path(root) / DEMO_DIRNAME, stamp, write)
+
+
+def _write_shape_split(
+    out_dir: Path, split: str, num_images: int, classes: Sequence[str], drawn: Sequence[str]
+) -> None:
+    """Images and COCO instance JSON (category id = index in `classes` + 1) of `num_images`
+    shape scenes drawing only the classes `drawn`."""
+    paths = {key: Path(value) for key, value in split_paths(out_dir, split).items()}
+    paths["image_root"].mkdir(parents=True, exist_ok=True)
+    paths["json_file"].parent.mkdir(parents=True, exist_ok=True)
+    images, annotations = [], []
+    split_index = sorted(NUM_IMAGES).index(split)
+    for index in range(num_images):
+        rng = np.random.default_rng([SHAPES_SEED, split_index, index])
+        image, things = _render_shapes(rng, drawn)
+        image_id = IMAGE_ID_OFFSET[split] + index
+        file_name = f"{image_id:07d}.jpg"
+        Image.fromarray(image).save(paths["image_root"] / file_name, quality=95)
+        images.append(
+            {"id": image_id, "file_name": file_name, "height": IMAGE_SIZE, "width": IMAGE_SIZE}
+        )
+        for name, mask in things:
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": image_id,
+                    "category_id": classes.index(name) + 1,
+                    "iscrowd": 0,
+                    **_mask_record(mask),
+                }
+            )
+    categories = [
+        {"id": i + 1, "name": name, "supercategory": "shape", "isthing": 1}
+        for i, name in enumerate(classes)
+    ]
+    instances = {"images": images, "annotations": annotations, "categories": categories}
+    paths["json_file"].write_text(json.dumps(instances, sort_keys=True))
+
+
+def generate_shape_scenes(
+    demo_dir: os.PathLike,
+    classes: Sequence[str],
+    train_classes: Sequence[str],
+    num_images: Dict[str, int],
+) -> Path:
+    """Make `demo_dir` hold shape-only scenes (`_render_shapes`) of `classes`, training images
+    drawing only `train_classes`, `num_images` per split ("train", "val"); COCO instance files
+    at `split_paths`. Written atomically and only when the stamp (version, classes, counts)
+    changes."""
+    classes, train_classes = list(classes), list(train_classes)
+
+    def write(directory: Path) -> None:
+        for split, count in num_images.items():
+            drawn = train_classes if split == "train" else classes
+            _write_shape_split(directory, split, count, classes, drawn)
+
+    version = f"{SHAPES_VERSION} classes={','.join(classes)} train={','.join(train_classes)}"
+    stamp = _version_stamp(num_images, version)
+    return _generate_atomically(Path(demo_dir), stamp, write)
 
 
 def load_demo(demo_dir: os.PathLike, split: str) -> List[dict]:

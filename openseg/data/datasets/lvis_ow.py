@@ -16,6 +16,15 @@ cross is unseen (never in training images), so open-world methods train on CPU i
 `openseg_demo_ow_val_large`: the same val protocol on DEMO_OW_LARGE_VAL images (the first 32 are
 `openseg_demo_ow_val`'s), generated in their own directory, so the unseen AR of the demo
 benchmark rests on 232 crosses rather than 21.
+
+`openseg_demo_ow_shapes_{train,val}`: a richer demo open-world split, made so SegPrompt's claim
+can show (its category prompts need several known classes; LVIS-OW's unseen classes are objects
+like the known ones): 12 shapes (`DEMO_OW_SHAPES_CLASSES`), each instance flat in a random
+colour, so only the outline tells the class and the unseen shapes look like objects as much
+as the known ones. 7 known (labelled in training), 2 seen (drawn in training images,
+unlabelled), 3 unseen (never drawn in training images); 800 training and 400 val images
+(`DEMO_OW_SHAPES_IMAGES`), val drawing all 12, in their own directory
+(`openseg_demo_ow_shapes`, renderer `demo.generate_shape_scenes`).
 """
 
 import json
@@ -27,7 +36,14 @@ from detectron2.data import DatasetCatalog
 
 from .coco import coco_instance_metadata
 from .common import coco_instance_dicts, register_lazy, require
-from .demo import DEMO_DIRNAME, THING_CLASSES, generate_demo, load_demo, split_paths
+from .demo import (
+    DEMO_DIRNAME,
+    THING_CLASSES,
+    generate_demo,
+    generate_shape_scenes,
+    load_demo,
+    split_paths,
+)
 from .lvis import lvis_v1_metadata
 
 PREPARE = (
@@ -44,6 +60,15 @@ LVIS_OW_CLASS_LISTS = Path(__file__).resolve().parents[1] / "lvis_ow_classes.jso
 DEMO_OW_SPLITS = {"known": [0, 1], "seen": [2], "unseen": [3]}  # circle, square | triangle | cross
 DEMO_OW_LARGE_DIRNAME = "openseg_demo_ow_large"
 DEMO_OW_LARGE_VAL = 320
+
+DEMO_OW_SHAPES_CLASSES = [
+    *("circle", "square", "triangle", "ellipse", "diamond", "ring", "semicircle"),  # known
+    *("hexagon", "ell"),  # seen
+    *("cross", "crescent", "star"),  # unseen
+]
+DEMO_OW_SHAPES_SPLITS = {"known": list(range(7)), "seen": [7, 8], "unseen": [9, 10, 11]}
+DEMO_OW_SHAPES_DIRNAME = "openseg_demo_ow_shapes"
+DEMO_OW_SHAPES_IMAGES = {"train": 800, "val": 400}
 
 
 def load_lvis_ow(root: Path, split: str) -> List[dict]:
@@ -105,9 +130,29 @@ def load_demo_ow_val_large(root: Path) -> List[dict]:
     ]
 
 
+def load_demo_ow_shapes(root: Path, split: str) -> List[dict]:
+    """Instance dicts of the shapes split (contiguous ids = index in DEMO_OW_SHAPES_CLASSES);
+    training labels restricted to the known classes, the seen shapes stay in the images."""
+    train_classes = [
+        DEMO_OW_SHAPES_CLASSES[i]
+        for i in DEMO_OW_SHAPES_SPLITS["known"] + DEMO_OW_SHAPES_SPLITS["seen"]
+    ]
+    demo_dir = generate_shape_scenes(
+        root / DEMO_OW_SHAPES_DIRNAME, DEMO_OW_SHAPES_CLASSES, train_classes, DEMO_OW_SHAPES_IMAGES
+    )
+    paths = split_paths(demo_dir, split)
+    id_map = {i + 1: i for i in range(len(DEMO_OW_SHAPES_CLASSES))}
+    dicts = coco_instance_dicts(paths["json_file"], paths["image_root"], id_map)
+    if split == "train":
+        known = set(DEMO_OW_SHAPES_SPLITS["known"])
+        for record in dicts:
+            record["annotations"] = [a for a in record["annotations"] if a["category_id"] in known]
+    return dicts
+
+
 def register_all_lvis_ow(root: Path) -> None:
-    """Register openseg_lvis_ow_{train,test}, openseg_coco_lvis_train and
-    openseg_demo_ow_{train,val,val_large}."""
+    """Register openseg_lvis_ow_{train,test}, openseg_coco_lvis_train,
+    openseg_demo_ow_{train,val,val_large} and openseg_demo_ow_shapes_{train,val}."""
     root = Path(root)
     register_lazy(
         "openseg_coco_lvis_train",
@@ -152,3 +197,17 @@ def register_all_lvis_ow(root: Path) -> None:
         json_file=split_paths(large_dir, "val")["json_file"],
         image_root=split_paths(large_dir, "val")["image_root"],
     )
+    for split in DEMO_OW_SHAPES_IMAGES:
+        paths = split_paths(root / DEMO_OW_SHAPES_DIRNAME, split)
+        register_lazy(
+            f"openseg_demo_ow_shapes_{split}",
+            partial(load_demo_ow_shapes, root, split),
+            thing_classes=list(DEMO_OW_SHAPES_CLASSES),
+            thing_dataset_id_to_contiguous_id={
+                i + 1: i for i in range(len(DEMO_OW_SHAPES_CLASSES))
+            },
+            class_splits={k: list(v) for k, v in DEMO_OW_SHAPES_SPLITS.items()},
+            evaluators=["open_world_ar"],
+            json_file=paths["json_file"],
+            image_root=paths["image_root"],
+        )
