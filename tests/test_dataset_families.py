@@ -1,15 +1,14 @@
 """Dataset families beyond COCO: vocabularies, prepare converters on tiny fake datasets in the
 standard layouts, lazy registration and the errors for missing files."""
 
-import importlib.util
 import json
 import pickle
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import scipy.io
+from script_utils import load_script
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets.builtin_meta import ADE20K_SEM_SEG_CATEGORIES, CITYSCAPES_CATEGORIES
 from panopticapi.utils import rgb2id
@@ -19,16 +18,11 @@ from openseg.data.datasets import ade20k, cityscapes, lvis, pascal_context, pasc
 from openseg.data.datasets import scannet, sun_rgbd
 from openseg.data.datasets.common import ENV_ROOT, DatasetNotFoundError
 
-REPO = Path(__file__).resolve().parents[1]
 
 
-def load_script(name: str):
-    """Import datasets/<name>.py (the prepare scripts are not a package)."""
-    spec = importlib.util.spec_from_file_location(name, REPO / "datasets" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+def load_prepare(name: str):
+    """datasets/<name>.py"""
+    return load_script(f"datasets/{name}.py")
 
 
 def save_png(path: Path, array: np.ndarray) -> None:
@@ -198,7 +192,7 @@ def make_ade(root: Path) -> dict:
 
 def test_ade_semantic_round_trip(root):
     fake = make_ade(root)
-    load_script("prepare_ade20k_sem_seg").convert(root / "ADEChallengeData2016", ["validation"])
+    load_prepare("prepare_ade20k_sem_seg").convert(root / "ADEChallengeData2016", ["validation"])
     ade20k.register_all_ade20k(root)
     dicts = DatasetCatalog.get("openseg_ade20k_sem_seg_val")
     assert [Path(d["file_name"]).name for d in dicts] == [
@@ -215,11 +209,11 @@ def test_ade_semantic_round_trip(root):
 def test_ade_panoptic_and_instance_round_trip(root):
     make_ade(root)
     ade = root / "ADEChallengeData2016"
-    load_script("prepare_ade20k_sem_seg").convert(ade, ["validation"])
+    load_prepare("prepare_ade20k_sem_seg").convert(ade, ["validation"])
     mapping = ade20k.read_instance_category_mapping(ade / "ade20k_instance_catid_mapping.txt")
     assert mapping == {5: 12, 2: 20}
-    load_script("prepare_ade20k_pan_seg").convert_split(ade, "val", mapping)
-    load_script("prepare_ade20k_ins_seg").convert_split(ade, "val", mapping)
+    load_prepare("prepare_ade20k_pan_seg").convert_split(ade, "val", mapping)
+    load_prepare("prepare_ade20k_ins_seg").convert_split(ade, "val", mapping)
     ade20k.register_all_ade20k(root)
 
     dicts = DatasetCatalog.get("openseg_ade20k_val_panoptic")
@@ -256,7 +250,7 @@ def test_ade_panoptic_and_instance_round_trip(root):
 
 # ------------------------------------------------------------------ Cityscapes
 def test_cityscapes_converter_and_round_trip(root):
-    prepare = load_script("prepare_cityscapes")
+    prepare = load_prepare("prepare_cityscapes")
     city = root / "cityscapes"
     stem = "aachen_000000_000019"
     instance_ids = np.array(
@@ -368,7 +362,7 @@ def test_pascal_voc_round_trip(root):
     (voc / "SegmentationClass").mkdir()
     palette_label.save(voc / "SegmentationClass" / "2007_000033.png")
     save_jpg(voc / "JPEGImages" / "2007_000033.jpg", 2, 3)
-    load_script("prepare_pascal_voc").convert(voc)
+    load_prepare("prepare_pascal_voc").convert(voc)
     pascal_voc.register_all_pascal_voc(root)
     (record,) = DatasetCatalog.get("openseg_pascal_voc20_sem_seg_val")
     np.testing.assert_array_equal(
@@ -392,7 +386,7 @@ def test_pascal_context_59_and_459(root):
     label_map = np.array([[0, 1, 2], [60, 61, 30]], np.uint16)
     scipy.io.savemat(voc2010 / "trainval" / "2008_000002.mat", {"LabelMap": label_map})
     save_jpg(voc2010 / "JPEGImages" / "2008_000002.jpg", 2, 3)
-    load_script("prepare_pascal_context").convert(
+    load_prepare("prepare_pascal_context").convert(
         voc2010, voc2010 / "ImageSets" / "Main" / "val.txt"
     )
     pascal_context.register_all_pascal_context(root)
@@ -430,7 +424,7 @@ def test_pascal_context_459_train_ignores_unknown_as_osm_release(root):
         {"LabelMap": np.array([[0, 1, 2], [3, 60, 2]], np.uint16)},
     )
     save_jpg(voc2010 / "JPEGImages" / "2008_000008.jpg", 2, 3)
-    prepare = load_script("prepare_pascal_context")
+    prepare = load_prepare("prepare_pascal_context")
     assert prepare.convert(voc2010, voc2010 / "ImageSets" / "Main" / "train.txt", "train") == 1
     assert not (voc2010 / "annotations_detectron2" / "pc59_val").exists()  # PC-59: val only
     prepare.convert(voc2010, voc2010 / "ImageSets" / "Main" / "val.txt", "val")
@@ -464,7 +458,7 @@ def test_scannet_20_and_40(root):
     tsv.write_text(
         "id\traw_category\tnyu40id\n1\twall\t1\n2\tchair\t5\n40\tkeyboard\t40\n300\tfridge\t24\n"
     )
-    prepare = load_script("prepare_scannet")
+    prepare = load_prepare("prepare_scannet")
     frames_root, scenes = scannet_dir / "scannet_frames_25k", scannet_dir / "scannetv2_val.txt"
     assert prepare.convert(scannet_dir, frames_root, scenes, prepare.read_raw_to_nyu40(tsv)) == 1
     scannet.register_all_scannet(root)
@@ -556,7 +550,7 @@ def test_ade20k_full_selects_classes_of_both_splits(root):
     for folder, filename in zip(folders, filenames):
         save_jpg(root / folder / filename, 2, 3)
         save_png(root / folder / filename.replace(".jpg", "_seg.png"), seg)
-    load_script("prepare_ade20k_full").convert(ade_full)
+    load_prepare("prepare_ade20k_full").convert(ade_full)
     ade20k.register_all_ade20k(root)
     (record,) = DatasetCatalog.get("openseg_ade20k_full_sem_seg_val")
     assert Path(record["file_name"]).name == "ADE_frame_00000002.jpg"
@@ -574,7 +568,7 @@ def test_sun_rgbd_round_trip(root):
     sun = root / "sun_rgbd"
     save_png(sun / "test" / "label37" / "img-000001.png", np.array([[0, 1, 37]], np.uint8))
     save_jpg(sun / "test" / "image" / "img-000001.jpg", 1, 3)
-    prepare = load_script("prepare_sun_rgbd")
+    prepare = load_prepare("prepare_sun_rgbd")
     assert prepare.convert(sun, sun / "test" / "image", sun / "test" / "label37") == 1
     sun_rgbd.register_all_sun_rgbd(root)
     (record,) = DatasetCatalog.get("openseg_sun_rgbd37_sem_seg_val")

@@ -1,13 +1,13 @@
 """Pre-training of the demo CLIPs (openseg.modeling.demo_clip, tools/pretrain_demo_clip.py):
 the multi-positive InfoNCE by hand and against CLIP's loss, disjoint renders, a few steps lower
 the loss, and the written state dict loads through MODEL.CLIP.PRETRAINED_PATH."""
-import importlib.util
 import math
 import os
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from script_utils import load_script
 from detectron2.modeling import build_model
 
 from openseg.config import load_config
@@ -28,12 +28,7 @@ MAFTPLUS_DEMO = os.path.join(ROOT, "configs", "demo", "maftplus_pico_convnext.ya
 
 
 def load_tool():
-    spec = importlib.util.spec_from_file_location(
-        "pretrain_demo_clip", os.path.join(ROOT, "tools", "pretrain_demo_clip.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("tools/pretrain_demo_clip.py")
 
 
 def test_one_positive_per_row_and_column_is_clips_loss():

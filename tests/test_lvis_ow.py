@@ -2,12 +2,12 @@
 hand-computed statistics, the shipped class lists against the release's, the real files when
 present (Table 1), the registrations, and the demo open-world split."""
 
-import importlib.util
 import json
 import os
 from pathlib import Path
 
 import pytest
+from script_utils import load_script
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
 import openseg.data  # noqa: F401  registers the datasets
@@ -99,27 +99,22 @@ def lvis_root(tmp_path):
     register_all_lvis_ow(dataset_root())
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location(
-        "prepare_lvis_ow", REPO / "datasets" / "prepare_lvis_ow.py"
-    )
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    return script
+def load_prepare_lvis_ow():
+    return load_script("datasets/prepare_lvis_ow.py")
 
 
 LISTS = {"frequent_64": [1, 4], "unseen": [6, 7]}  # the release's lists on this toy vocabulary
 
 
 def test_derived_class_lists_by_hand(lvis_root):
-    script = load_script()
+    script = load_prepare_lvis_ow()
     lvis_train = json.loads((lvis_root / "lvis" / "lvis_v1_train.json").read_text())
     # top-2 by LVIS train instances: knob (5), person (4); rare: gargoyle, kazoo
     assert script.derive_class_lists(lvis_train, num_frequent=2) == LISTS
 
 
 def test_prepare_statistics_by_hand(lvis_root):
-    script = load_script()
+    script = load_prepare_lvis_ow()
     stats = script.prepare(lvis_root, class_lists=LISTS)
     # known = COCO {person 1, cow 2} + frequent {person 1, knob 4}; unseen = {6, 7};
     # seen = {3, 5, 8}. Images 102 and 105 hold unseen classes -> test; 101, 103, 104 train.
@@ -172,7 +167,7 @@ def test_prepare_statistics_by_hand(lvis_root):
 
 def test_known_and_unseen_must_be_disjoint(lvis_root):
     with pytest.raises(ValueError, match="both known and unseen"):
-        load_script().prepare(lvis_root, class_lists={"frequent_64": [4, 6], "unseen": [6, 7]})
+        load_prepare_lvis_ow().prepare(lvis_root, class_lists={"frequent_64": [4, 6], "unseen": [6, 7]})
 
 
 def test_shipped_lists_are_the_release_lists():
@@ -185,7 +180,7 @@ def test_shipped_lists_are_the_release_lists():
     assert lists["frequent_64"] == release["frequent_64"]
     assert lists["unseen"] == release["unseen"]
     by_synset = {c["synset"]: c["id"] for c in LVIS_CATEGORIES}
-    coco = {by_synset[s] for s in load_script().COCO_NAME_TO_LVIS_SYNSET.values() if s in by_synset}
+    coco = {by_synset[s] for s in load_prepare_lvis_ow().COCO_NAME_TO_LVIS_SYNSET.values() if s in by_synset}
     assert sorted(coco) == release["coco"] and len(coco) == 79
     assert sorted(coco | set(lists["frequent_64"])) == release["known"]
     assert len(release["known"]) == 123  # Table 1
@@ -212,7 +207,7 @@ REAL_FILES = [
 def test_real_files_give_table1(tmp_path):
     """On the real files: the paper's rule gives the release's lists, and the statistics
     are Table 1's (98,708 / 21,271 images)."""
-    script = load_script()
+    script = load_prepare_lvis_ow()
     for path in REAL_FILES:
         target = tmp_path / path.relative_to(REAL)
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -231,7 +226,7 @@ def test_registered_splits_load(lvis_root):
     register_all_lvis_ow(lvis_root)
     with pytest.raises(DatasetNotFoundError, match="prepare_lvis_ow.py"):
         DatasetCatalog.get("openseg_lvis_ow_train")
-    load_script().prepare(lvis_root, class_lists=LISTS)
+    load_prepare_lvis_ow().prepare(lvis_root, class_lists=LISTS)
     train = DatasetCatalog.get("openseg_lvis_ow_train")
     assert len(train) == 3
     classes = sorted(a["category_id"] for d in train for a in d["annotations"] if not a["iscrowd"])
@@ -251,7 +246,7 @@ def test_registered_splits_load(lvis_root):
 
 def test_missing_input_names_the_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="lvis_v1_train.json"):
-        load_script().prepare(tmp_path)
+        load_prepare_lvis_ow().prepare(tmp_path)
 
 
 def test_demo_open_world_split():

@@ -1,10 +1,10 @@
 """tools/oracle_study.py: layout of Tables 2-5 / Figure 4 for several models, class splits
 always applied, Table 5's class selection by hand, deterministic in-domain subsets, bad input."""
-import importlib.util
 import math
 import os
 
 import pytest
+from script_utils import load_script
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
 from openseg.data.datasets.common import deterministic_subset, register_lazy, register_subset
@@ -16,12 +16,7 @@ MAFTPLUS_DEMO = os.path.join(ROOT, "configs", "demo", "maftplus_pico_convnext.ya
 
 
 def load_study():
-    spec = importlib.util.spec_from_file_location(
-        "oracle_study", os.path.join(ROOT, "tools", "oracle_study.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("tools/oracle_study.py")
 
 
 def stats(name, tp, fn, fn_seg, fn_cls):
