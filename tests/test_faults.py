@@ -207,12 +207,16 @@ def _interrupted_save(checkpointer, monkeypatch, failure):
         monkeypatch.setattr(module.torch, "save", real_save)
 
 
-def test_second_ctrl_c_or_full_disk_while_saving_leaves_the_previous_resume_point(tmp_path, monkeypatch):
+def test_second_ctrl_c_or_full_disk_while_saving_leaves_the_previous_resume_point(tmp_path, monkeypatch, request):
     from openseg.engine.checkpoint import TrainingCheckpointer
 
     checkpointer = TrainingCheckpointer(_Model(), str(tmp_path))
     checkpointer.save("model_0000009")
     good = (tmp_path / "model_0000009.pth").read_bytes()
+    # a shell starts background jobs with SIGINT ignored, and Python keeps that: install the
+    # handler a terminal's Ctrl-C meets, whatever launched the test run
+    previous_handler = signal.signal(signal.SIGINT, signal.default_int_handler)
+    request.addfinalizer(lambda: signal.signal(signal.SIGINT, previous_handler))
 
     def second_ctrl_c():
         os.kill(os.getpid(), signal.SIGINT)  # a real signal, delivered during the write
