@@ -1,15 +1,10 @@
 """Pure helpers of benchmarks/bench_vs_reference.py (the benchmark itself needs the released
 code and runs by hand; these are the parts whose mistakes would silently skew its ratios)."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
+from script_utils import load_script
 
-_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_vs_reference.py"
-_spec = importlib.util.spec_from_file_location("bench_vs_reference", _PATH)
-bench = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bench)
+bench = load_script("benchmarks/bench_vs_reference.py")
 
 
 def test_ratio_is_median_of_pairs_not_ratio_of_medians():

@@ -268,12 +268,9 @@ def test_openseg_training_checkpoint_round_trip(tmp_path, swin_maskformer):
 
 # ------------------------------------------------------------------------------ offline conversion
 def _convert_tool():
-    import importlib.util
+    from script_utils import load_script
 
-    spec = importlib.util.spec_from_file_location("convert_checkpoint", ROOT / "tools/convert_checkpoint.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("tools/convert_checkpoint.py")
 
 
 def test_convert_tool_round_trip_gives_the_release_file_back(tmp_path, swin_maskformer):

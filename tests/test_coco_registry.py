@@ -1,7 +1,6 @@
 """COCO registration: lazy, clear errors for missing files, and the semantic-from-panoptic
 preparation on a miniature COCO built from the demo data."""
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -18,6 +17,7 @@ from openseg.data.datasets.coco import register_all_coco
 from openseg.data.datasets.common import DatasetNotFoundError, dataset_root
 from openseg.data.datasets.demo import generate_demo, split_paths
 from openseg.data.vocab import validate_vocabulary
+from script_utils import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 # demo category id -> a COCO category of the same kind (things stay things)
@@ -86,11 +86,7 @@ def test_prepare_semantic_then_load(coco_root):
     assert str(semseg_dir) in str(error.value)
     assert "prepare_coco_semantic_from_panoptic.py" in str(error.value)
 
-    spec = importlib.util.spec_from_file_location(
-        "prepare_coco_semantic", REPO / "datasets" / "prepare_coco_semantic_from_panoptic.py"
-    )
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("datasets/prepare_coco_semantic_from_panoptic.py")
     script.prepare_split(coco_root, "val", workers=1)
 
     dicts = DatasetCatalog.get("openseg_coco_2017_val_panoptic")

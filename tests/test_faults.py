@@ -28,7 +28,8 @@ from detectron2.modeling import META_ARCH_REGISTRY
 from torch import nn
 
 from openseg.config import load_config
-from test_train_net import CONFIG, ROOT, TINY, _load_tool
+from script_utils import load_script
+from test_train_net import CONFIG, ROOT, TINY
 
 FAST = [
     *TINY, "MODEL.DEVICE", "cpu", "SEED", "0", "TEST.EVAL_PERIOD", "0", "DATASETS.TEST", "()",
@@ -417,7 +418,7 @@ def test_demo_tool_skips_unreadable_images_and_keeps_distinct_names(reference_ru
     handler.emit = lambda record: messages.append(record.getMessage())
     logging.getLogger("openseg.demo").addHandler(handler)
     try:
-        written = _load_tool("demo").main([
+        written = load_script("tools/demo.py").main([
             "--config-file", CONFIG, "--input", str(inputs), str(tmp_path / "missing.jpg"), "--output", str(out),
             *TINY, "MODEL.BACKBONE.FREEZE_AT", "5", "MODEL.WEIGHTS", str(reference_run / "model_final.pth"),
         ])

@@ -1,7 +1,6 @@
 """MAFT+ on the tiny random CLIP of `projects/maftplus/tiny_clip.py`: the two losses by hand,
 what trains, CLIP-only inference, the segmentation oracle's classifier and the demo config end
 to end (`tests/test_reference_maftplus.py` compares with the release)."""
-import importlib.util
 import os
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from openseg.data.mappers import build_mapper
 from openseg.modeling.oracles import IMPOSSIBLE_LOGIT
 from openseg.projects.fcclip.meta_arch import CLIP_POOLING_FEATURES
 from openseg.projects.maftplus import MAFTPlus, mask_aware_loss, pyramid_pooling
+from script_utils import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = str(ROOT / "configs" / "demo" / "maftplus_pico_convnext.yaml")
@@ -187,9 +187,7 @@ def test_config_errors_name_the_key():
 
 
 def test_demo_config_trains_and_evaluates_end_to_end(tmp_path):
-    spec = importlib.util.spec_from_file_location("train_net", ROOT / "tools" / "train_net.py")
-    train_net = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train_net)
+    train_net = load_script("tools/train_net.py")
     from detectron2.engine import default_argument_parser
 
     args = default_argument_parser().parse_args([

@@ -14,7 +14,6 @@ within 1e-5 of their magnitude:
 * semantic scores, panoptic segments and instance masks / classes / scores;
 * a training step from the same criterion seed: point draws, every loss and gradient.
 """
-from pathlib import Path
 
 import pytest
 import torch
@@ -24,10 +23,12 @@ from detectron2.modeling import build_model
 
 import reference_utils
 from reference_utils import (  # noqa: F401  (one_thread is an autouse fixture)
+    assert_decisions_match,
     assert_postprocessing_matches,
     detectron2_inputs,
     load_reference,
     one_thread,
+    postprocess_release_outputs,
     record_criterion_rand,
 )
 
@@ -37,6 +38,7 @@ from openseg.data.splits import seen_unseen_split
 from openseg.projects.fcclip import geometric_ensemble
 from openseg.projects.fcclip.checkpoint import openseg_to_released, released_to_openseg
 from openseg.projects.fcclip.meta_arch import CLIP_POOLING_FEATURES
+from script_utils import load_script
 
 TRAIN_NAME, TEST_NAME = "openseg_reference_fcclip_train", "openseg_reference_fcclip_test"
 TOKEN_TABLE = "backbone.clip_model.token_embedding.weight"
@@ -157,13 +159,7 @@ def test_seen_classes_and_class_splits_follow_the_release(reference):
 
 def test_convert_checkpoint_tool_both_ways(reference, tmp_path):
     """tools/convert_checkpoint.py: release -> openseg names -> release layout again."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(
-        "convert_checkpoint", Path(__file__).parents[1] / "tools" / "convert_checkpoint.py"
-    )
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_script("tools/convert_checkpoint.py")
     released = released_state(reference)
     source, ours, back = tmp_path / "release.pth", tmp_path / "openseg.pth", tmp_path / "back.pth"
     torch.save({"model": released}, source)
@@ -217,10 +213,15 @@ def test_out_of_vocabulary_and_ensembled_logits_match(reference):
 
 
 def test_postprocessing_matches(reference):
+    """Post-processing of the release's own ensembled logits and masks within 1e-5; end to end,
+    the same decisions."""
     model = openseg_model(reference).eval()
-    with torch.no_grad():
-        results = model(detectron2_inputs(reference))
+    ensembled = torch.stack(reference["ensembled"])
+    masks = reference["layers"][-1]["pred_masks"]
+    results = postprocess_release_outputs(model, reference, ensembled, masks)
     assert_postprocessing_matches(results, reference, close=assert_close)
+    with torch.no_grad():
+        assert_decisions_match(model(detectron2_inputs(reference)), reference)
 
 
 def test_swapped_alpha_and_beta_change_the_results(reference):

@@ -19,10 +19,12 @@ import torch
 import yaml
 from detectron2.modeling import build_model
 from reference_utils import (  # noqa: F401  (one_thread is an autouse fixture)
+    assert_decisions_match,
     assert_postprocessing_matches,
     detectron2_inputs,
     load_reference,
     one_thread,
+    postprocess_release_outputs,
 )
 from test_reference_fcclip import (
     TRAIN_NAME,
@@ -151,6 +153,10 @@ def test_attention_pool_on_empty_full_and_single_cell_masks_matches(model, refer
 
 
 def test_postprocessing_matches(model, reference):
-    with torch.no_grad():
-        results = model(detectron2_inputs(reference))
+    """Post-processing of the release's own ensembled logits and masks within 1e-5; end to end,
+    the same decisions."""
+    ensembled = torch.stack(reference["ensembled"])
+    results = postprocess_release_outputs(model, reference, ensembled, reference["last_layer"]["pred_masks"])
     assert_postprocessing_matches(results, reference, close=assert_close)
+    with torch.no_grad():
+        assert_decisions_match(model(detectron2_inputs(reference)), reference)

@@ -1,17 +1,16 @@
 """End to end on the demo data: tools/train_net.py trains, evaluates with the evaluators named
 in the dataset metadata, resumes from its checkpoints (periodic and interrupted), and
 tools/demo.py draws predictions of the trained model."""
-import importlib.util
 import json
 from pathlib import Path
 
 import cv2
 import pytest
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 
 from openseg.config import load_config
 from openseg.engine import Trainer
+from script_utils import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "configs/demo/maskformer_R18.yaml")
@@ -24,14 +23,7 @@ TINY = [
 ]
 
 
-def _load_tool(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-train_net = _load_tool("train_net")
+train_net = load_script("tools/train_net.py")
 
 
 def _args(*extra):
@@ -122,7 +114,7 @@ def test_eval_only_reproduces_training_evaluation(trained):
 
 def test_demo_tool_writes_visualisations(trained, tmp_path):
     out, _ = trained
-    demo = _load_tool("demo")
+    demo = load_script("tools/demo.py")
     from detectron2.data import DatasetCatalog
 
     images = [d["file_name"] for d in DatasetCatalog.get("openseg_demo_val")[:2]]
@@ -135,7 +127,7 @@ def test_demo_tool_writes_visualisations(trained, tmp_path):
 
 def test_demo_tool_renames_vocabulary_and_rejects_wrong_size(trained, tmp_path):
     out, _ = trained
-    demo = _load_tool("demo")
+    demo = load_script("tools/demo.py")
     from detectron2.data import DatasetCatalog
 
     image = DatasetCatalog.get("openseg_demo_val")[0]["file_name"]
