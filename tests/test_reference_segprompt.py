@@ -100,7 +100,7 @@ def decoded(reference, lvis_like_metadata):
     patch.setattr(
         segprompt_meta_arch,
         "select_prompt_classes",
-        lambda present, known, max_classes: (inputs["candidates"], inputs["positive"]),
+        lambda present, known, max_classes, **federated: (inputs["candidates"], inputs["positive"]),
     )
     patch.setattr(
         segprompt_meta_arch, "select_examples", lambda rows, n: torch.arange(len(rows))[:n]
@@ -109,7 +109,7 @@ def decoded(reference, lvis_like_metadata):
     try:
         with torch.no_grad():
             example_group, selected = model.example_group(targets, inputs["mask_features"])
-            prompt_groups, plan = model.prompt_groups(targets, inputs["mask_features"])
+            prompt_groups, plan = model.prompt_groups(targets, inputs["mask_features"], selected)
             out = model.transformer_decoder(
                 inputs["features"],
                 inputs["mask_features"],
