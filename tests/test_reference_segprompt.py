@@ -94,10 +94,10 @@ def decoded(reference, lvis_like_metadata):
     assert {k for k in own if k.startswith("transformer_decoder.")} <= set(converted)
     model.load_state_dict(converted, strict=False)
     inputs = reference["inputs"]
-    targets = [
-        {"labels": torch.zeros_like(labels), "masks": masks.bool(), "known_rows": labels}
-        for labels, masks in zip(inputs["gt_labels"], inputs["gt_masks"])
-    ]
+    targets = []
+    for labels, masks in zip(inputs["gt_labels"], inputs["gt_masks"]):
+        gt = {"labels": torch.zeros_like(labels), "masks": masks.bool(), "classes": labels}
+        targets.append({**gt, "known_rows": labels, "prompt_gt": gt})
     patch = pytest.MonkeyPatch()
     # the release's random choices, injected: classes (SegPrompt.forward), r_k (the decoder)
     # and the example order (all instances in annotation order, as fed to the decoder)
@@ -124,12 +124,13 @@ def decoded(reference, lvis_like_metadata):
             losses = {"example": model.example_losses(out["extra"][0], targets, selected)}
             torch.manual_seed(seeds["prompt"])
             prompt_outputs = concat_query_outputs(out["extra"][1:])
-            losses["prompt"] = model.prompt_losses(prompt_outputs, targets, plan)
+            prompt_gt = [t["prompt_gt"] for t in targets]
+            losses["prompt"] = model.prompt_losses(prompt_outputs, prompt_gt, plan)
             torch.manual_seed(seeds["baseline"])
             losses["baseline"] = model.criterion.weighted(model.criterion(out, targets))
             surplus = inputs["surplus"]
             surplus_targets = [
-                {"labels": torch.zeros_like(labels), "masks": masks, "known_rows": labels}
+                {"labels": torch.zeros_like(labels), "masks": masks, "classes": labels}
                 for labels, masks in zip(surplus["gt_labels"], surplus["gt_masks"])
             ]
             surplus_plan = (inputs["candidates"], surplus["positive"], surplus["supervised"])

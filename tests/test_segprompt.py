@@ -411,7 +411,7 @@ def test_prompt_losses_supervise_as_released():
         {
             "labels": torch.zeros(4, dtype=torch.long),
             "masks": masks,
-            "known_rows": torch.tensor([0, 0, 0, 2]),
+            "classes": torch.tensor([0, 0, 0, 2]),
         }
     ]
     outputs = {"pred_logits": torch.randn(1, 6, 2), "pred_masks": torch.randn(1, 6, 16, 16)}
@@ -516,6 +516,18 @@ def test_min_mask_area_drops_small_known_instances():
     targets = model.prepare_targets(batch, model.preprocess_images(batch))
     # image 0: [0 (kept), 0 (dropped), 1 (not known: kept)]; image 1: both known, dropped
     assert targets[0]["known_rows"].tolist() == [0, -1] and len(targets[1]["masks"]) == 0
+    # the prompt branch's ground truth keeps every instance (the release's prompt criterion
+    # reads the unfiltered targets), with class ids
+    assert targets[0]["prompt_gt"]["classes"].tolist() == [0, 0, 1]
+    assert targets[1]["prompt_gt"]["classes"].tolist() == [3, 2]
+    assert torch.equal(targets[1]["prompt_gt"]["masks"], batch[1]["instances"].gt_masks)
+    # positives: eligible known classes and the classes of instances that are not known
+    # (release `labels_ouv`); image 1's known instances are too small, so it has none
+    images, mask_features, _ = decoder_inputs(model, batch)
+    _, selected = model.example_group(targets, mask_features)
+    _, (rows, positive, supervised) = model.prompt_groups(targets, mask_features, selected)
+    assert rows[0, :2].tolist() == [0, 1] and positive.tolist()[0] == [True, True, False]
+    assert supervised.tolist()[0] == [True, False, False] and not positive[1].any()
 
 
 def test_vanilla_m2f_is_a_parallel_branch_with_its_own_class_head_only():

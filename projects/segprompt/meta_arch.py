@@ -300,13 +300,23 @@ class SegPromptMaskFormer(OpenSegMaskFormer):
         is known, else -1 (the prompt-cache row). With an auxiliary branch, known instances
         of at most MIN_MASK_AREA pixels are dropped (release `SegPrompt.forward`). Also
         ``not_exhaustive`` and ``negative``: the image's federated class ids (int64; empty
-        without them or when `federated_labels` is off)."""
+        without them or when `federated_labels` is off). With the prompt branch,
+        ``prompt_gt``: the prompt branch's ground truth, every instance before that filter
+        (``labels``, ``masks`` and ``classes``, the contiguous class ids), as the release's
+        prompt criterion receives it."""
         targets = super().prepare_targets(batched_inputs, images)
         for target, x in zip(targets, batched_inputs):
             for key, target_key in FEDERATED_INPUTS.items():
                 ids = x.get(key, []) if self.federated_labels else []
                 target[target_key] = torch.as_tensor(ids, dtype=torch.int64).reshape(-1)
-            rows = self.known_rows(x["instances"].gt_classes.to(self.device))
+            classes = x["instances"].gt_classes.to(self.device).long()
+            rows = self.known_rows(classes)
+            if self.auxiliary == "segprompt":
+                target["prompt_gt"] = {
+                    "labels": target["labels"],
+                    "masks": target["masks"],
+                    "classes": classes,
+                }
             if self.auxiliary != "none":
                 area = target["masks"].flatten(1).sum(dim=1)
                 keep = (rows < 0) | (area > self.min_mask_area)
@@ -335,7 +345,8 @@ class SegPromptMaskFormer(OpenSegMaskFormer):
         if self.auxiliary == "segprompt":
             prompt_outputs = concat_query_outputs(decoded["extra"][1:])
             losses.update(self.example_losses(decoded["extra"][0], targets, selected))
-            losses.update(self.prompt_losses(prompt_outputs, targets, prompt_plan))
+            prompt_gt = [t["prompt_gt"] for t in targets]
+            losses.update(self.prompt_losses(prompt_outputs, prompt_gt, prompt_plan))
         elif self.auxiliary == "vanilla_m2f":
             losses.update(self.vanilla_losses(decoded["extra"][0], targets))
         return losses
@@ -396,7 +407,17 @@ class SegPromptMaskFormer(OpenSegMaskFormer):
 
         Returns the groups and (rows [B, C], positive [B, C], supervised [B, C]), see
         `select_prompt_classes` and `supervised_classes`."""
-        present = [t["known_rows"][t["known_rows"] >= 0] for t in targets]
+        # present: known classes with eligible instances, and (release `labels_ouv`) the
+        # classes of instances that are not known
+        present = [
+            torch.cat(
+                [
+                    t["known_rows"][t["known_rows"] >= 0],
+                    t["prompt_gt"]["classes"][self.known_rows(t["prompt_gt"]["classes"]) < 0],
+                ]
+            )
+            for t in targets
+        ]
         not_exhaustive = [t.get("not_exhaustive", torch.zeros(0, dtype=torch.int64)) for t in targets]
         negative = [t.get("negative", torch.zeros(0, dtype=torch.int64)) for t in targets]
         rows, positive = select_prompt_classes(
@@ -477,16 +498,17 @@ class SegPromptMaskFormer(OpenSegMaskFormer):
             )
         return self.criterion.weighted(losses)
 
-    def match_prompts(self, outputs: Dict, targets: List[Dict], rows: Tensor) -> Indices:
+    def match_prompts(self, outputs: Dict, prompt_gt: List[Dict], rows: Tensor) -> Indices:
         """Intra-class matching (Sec. 3.4) as released (`HungarianMatcherClasswise`): per
         image one Hungarian assignment of all prompt queries (query q belongs to the class of
-        group q // K) to all ground truth, pairs of different classes at the release's cross-
-        class cost (`matching.class_restricted_assignment`); one set of cost points per
-        image. Pairs of any group are returned; `prompt_losses` decides which are supervised."""
+        group q // K) to all ground truth (``prompt_gt``: ``labels``, ``masks``, ``classes``
+        per image), pairs of different classes at the release's cross-class cost
+        (`matching.class_restricted_assignment`); one set of cost points per image. Pairs of
+        any group are returned; `prompt_losses` decides which are supervised."""
         query_classes = rows.repeat_interleave(self.queries_per_class, dim=1)
         matcher = self.criterion.matcher
         indices = []
-        for image, target in enumerate(targets):
+        for image, target in enumerate(prompt_gt):
             cost = matcher.cost_matrix(
                 outputs["pred_logits"][image],
                 outputs["pred_masks"][image],
@@ -494,16 +516,17 @@ class SegPromptMaskFormer(OpenSegMaskFormer):
                 target["masks"],
             )
             indices.append(
-                class_restricted_assignment(cost, query_classes[image], target["known_rows"])
+                class_restricted_assignment(cost, query_classes[image], target["classes"])
             )
         return indices
 
     def prompt_losses(
-        self, outputs: Dict, targets: List[Dict], plan: Tuple[Tensor, Tensor, Tensor]
+        self, outputs: Dict, prompt_gt: List[Dict], plan: Tuple[Tensor, Tensor, Tensor]
     ) -> Dict[str, Tensor]:
-        """Classification (every query) and mask losses of the prompt-based prediction branch,
-        matched anew at every decoder level; normalised, as released (`SetCriterion_Open`), by
-        the number of ground-truth masks in the batch.
+        """Classification (every query) and mask losses of the prompt-based prediction branch
+        against ``prompt_gt`` (see `match_prompts`), matched anew at every decoder level;
+        normalised, as released (`SetCriterion_Open`), by the number of its ground-truth
+        masks in the batch.
 
         As released (`QUERY_REPEAT_ONLY_MATCH`): in a supervised group (`supervised_classes`)
         the matched queries are "object" with the mask loss of their ground truth (also a
@@ -515,11 +538,12 @@ class SegPromptMaskFormer(OpenSegMaskFormer):
         per_class = self.queries_per_class
         query_supervised = supervised.repeat_interleave(per_class, dim=1).cpu()
         always_object = (positive & ~supervised).repeat_interleave(per_class, dim=1).cpu()
-        num_masks = self.criterion.get_num_masks(targets, outputs["pred_masks"].device)
+        num_masks = self.criterion.get_num_masks(prompt_gt, outputs["pred_masks"].device)
         losses = {}
         for suffix, level in output_levels(outputs, self.criterion.deep_supervision):
             mask_pairs, object_pairs, object_targets = [], [], []
-            for image, (query_idx, target_idx) in enumerate(self.match_prompts(level, targets, rows)):
+            matched = self.match_prompts(level, prompt_gt, rows)
+            for image, (query_idx, target_idx) in enumerate(matched):
                 keep = query_supervised[image][query_idx]
                 mask_pairs.append((query_idx[keep], target_idx[keep]))
                 objects = torch.cat(
@@ -535,7 +559,7 @@ class SegPromptMaskFormer(OpenSegMaskFormer):
             )
             losses.update(
                 self.criterion.compute(
-                    level, targets, num_masks, indices=mask_pairs,
+                    level, prompt_gt, num_masks, indices=mask_pairs,
                     suffix="_prompt" + suffix, losses=["masks"],
                 )
             )

@@ -8,8 +8,9 @@ than slots: a random subset of classes; fewer: the remaining slots filled with r
 instances; no more instances than slots: all of them in annotation order.
 
 Prompt-based prediction branch (Sec. 3.4): C_max classes per image (`select_prompt_classes`),
-as the release's `SegPrompt.forward` with LVIS's federated labels: positives are the known
-classes present and the image's not-exhaustively annotated classes, in id order (at most C_max);
+as the release's `SegPrompt.forward` with LVIS's federated labels: positives are the classes
+present (known classes with eligible instances, and classes of instances that are not known)
+and the image's not-exhaustively annotated classes, in id order (at most C_max);
 then the classes verified absent (LVIS `neg_category_ids`), in id order; then random
 negatives from the absent known classes. The paper only says "negative categories are
 uniformly selected from all negative classes". Of the positives, only the classes of the
@@ -67,7 +68,7 @@ def select_prompt_classes(
     """Classes of each image's C_max prompt groups (see the module docstring).
 
     Args:
-        present: per image, the class ids of its (eligible) known ground truth.
+        present: per image, the class ids of its ground truth that make a class present.
         known: ids of the known classes (the pool of random negatives).
         max_classes: C_max, groups per image (at most len(known)).
         rng: source of randomness (default: Python's global `random`, like the release).
