@@ -588,6 +588,16 @@ def test_bad_config_is_reported():
         build_model(tiny_cfg(PROMPT_ATTENTION="self"))
     with pytest.raises(ValueError, match="PROMPT_BRANCH_WEIGHT"):
         build_model(tiny_cfg(PROMPT_BRANCH_WEIGHT=[1.0]))
+    with pytest.raises(ValueError, match="NEGATIVE_POOL"):
+        build_model(tiny_cfg(NEGATIVE_POOL="seen"))
+
+
+def test_negative_pool_is_every_class_as_released_or_the_known_ones():
+    torch.manual_seed(0)
+    assert build_model(tiny_cfg()).negative_pool == [0, 1, 2, 3, 4]  # release: in_voc | out_voc
+    assert build_model(tiny_cfg(NEGATIVE_POOL="known")).negative_pool == KNOWN
+    rows, positive = select_prompt_classes([torch.tensor([0])], [0, 1, 2, 3, 4], 5)
+    assert rows.tolist() == [[0, 1, 2, 3, 4]] and positive.tolist() == [[True] + [False] * 4]
 
 
 @pytest.mark.parametrize(

@@ -39,7 +39,7 @@ from openseg.modeling.losses import SetCriterion
 from openseg.modeling.mask_decoder import QueryGroup
 from openseg.modeling.meta_arch import OpenSegMaskFormer
 
-from .config import AUXILIARY_MODES, PROMPT_ATTENTIONS
+from .config import AUXILIARY_MODES, NEGATIVE_POOLS, PROMPT_ATTENTIONS
 from .matching import class_restricted_assignment
 from .prompt_cache import PromptCache
 from .queries import (
@@ -123,6 +123,7 @@ class SegPromptMaskFormer(OpenSegMaskFormer):
         max_prompt_classes: int,
         queries_per_class: int,
         min_mask_area: int,
+        negative_pool: str = "all",
         prompt_attention: str,
         use_prompt: bool,
         use_class_embedding: bool,
@@ -143,6 +144,8 @@ class SegPromptMaskFormer(OpenSegMaskFormer):
             example_supervision: train the example queries' class and mask.
             cache_momentum: momentum m of the prompt cache (Eq. 5).
             max_prompt_classes: C_max class groups per image.
+            negative_pool: "all" (every class of the dataset, release) or "known": the
+                classes random negative groups are drawn from.
             queries_per_class: K queries per class group.
             min_mask_area: known instances of at most this many pixels are dropped from the
                 training targets (release MIN_MASK_AREA; not applied with auxiliary "none").
@@ -161,6 +164,7 @@ class SegPromptMaskFormer(OpenSegMaskFormer):
         for name, value, allowed in (
             ("AUXILIARY", auxiliary, AUXILIARY_MODES),
             ("PROMPT_ATTENTION", prompt_attention, PROMPT_ATTENTIONS),
+            ("NEGATIVE_POOL", negative_pool, NEGATIVE_POOLS),
         ):
             if value not in allowed:
                 raise ValueError(
@@ -177,7 +181,10 @@ class SegPromptMaskFormer(OpenSegMaskFormer):
         self.auxiliary = auxiliary
         self.max_examples = max_examples
         self.example_supervision = example_supervision
-        self.max_prompt_classes = min(max_prompt_classes, len(known_classes))
+        self.negative_pool = (
+            list(range(num_dataset_classes)) if negative_pool == "all" else known_classes
+        )
+        self.max_prompt_classes = min(max_prompt_classes, len(self.negative_pool))
         self.queries_per_class = queries_per_class
         self.min_mask_area = min_mask_area
         self.prompt_attention = prompt_attention
@@ -227,6 +234,7 @@ class SegPromptMaskFormer(OpenSegMaskFormer):
             max_prompt_classes=sp.MAX_PROMPT_CLASSES,
             queries_per_class=sp.QUERIES_PER_CLASS,
             min_mask_area=sp.MIN_MASK_AREA,
+            negative_pool=sp.NEGATIVE_POOL,
             prompt_attention=sp.PROMPT_ATTENTION,
             use_prompt=sp.USE_PROMPT,
             use_class_embedding=sp.USE_CLASS_EMBEDDING,
@@ -422,7 +430,7 @@ class SegPromptMaskFormer(OpenSegMaskFormer):
         negative = [t.get("negative", torch.zeros(0, dtype=torch.int64)) for t in targets]
         rows, positive = select_prompt_classes(
             present,
-            self.known_classes,
+            self.negative_pool,
             self.max_prompt_classes,
             not_exhaustive=not_exhaustive,
             negative=negative,

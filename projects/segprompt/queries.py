@@ -10,14 +10,14 @@ instances; no more instances than slots: all of them in annotation order.
 Prompt-based prediction branch (Sec. 3.4): C_max classes per image (`select_prompt_classes`),
 as the release's `SegPrompt.forward` with LVIS's federated labels: positives are the classes
 present (known classes with eligible instances, and classes of instances that are not known)
-and the image's not-exhaustively annotated classes, in id order (at most C_max);
-then the classes verified absent (LVIS `neg_category_ids`), in id order; then random
-negatives from the absent known classes. The paper only says "negative categories are
-uniformly selected from all negative classes". Of the positives, only the classes of the
-image's examples that are neither not-exhaustive nor verified absent take part in matching
-and the mask loss (`supervised_classes`, the release's `mask_loss_masks`); the others' K
-queries are all "object". Query k of class c starts as ``p_c + r_k + s_c`` (Eq. 6), content
-and positional part alike.
+and the image's not-exhaustively annotated classes, in id order (at most C_max); then the
+classes verified absent (LVIS `neg_category_ids`), in id order; then random negatives from a
+pool (release: every class of the vocabulary; or the known classes). The paper only says
+"negative categories are uniformly selected from all negative classes". Of the positives,
+only the classes of the image's examples that are neither not-exhaustive nor verified absent
+take part in matching and the mask loss (`supervised_classes`, the release's
+`mask_loss_masks`); the others' K queries are all "object". Query k of class c starts as
+``p_c + r_k + s_c`` (Eq. 6), content and positional part alike.
 """
 
 import random
@@ -59,7 +59,7 @@ def select_examples(rows: Tensor, max_examples: int, rng: Optional[random.Random
 
 def select_prompt_classes(
     present: List[Tensor],
-    known: List[int],
+    pool: List[int],
     max_classes: int,
     rng: Optional[random.Random] = None,
     not_exhaustive: Optional[List[Tensor]] = None,
@@ -69,8 +69,8 @@ def select_prompt_classes(
 
     Args:
         present: per image, the class ids of its ground truth that make a class present.
-        known: ids of the known classes (the pool of random negatives).
-        max_classes: C_max, groups per image (at most len(known)).
+        pool: ids of the classes random negatives are drawn from.
+        max_classes: C_max, groups per image (at most len(pool)).
         rng: source of randomness (default: Python's global `random`, like the release).
         not_exhaustive, negative: per image, LVIS's not-exhaustive / verified-absent class ids
             (any class of the dataset; None or empty: none).
@@ -78,14 +78,14 @@ def select_prompt_classes(
         class ids [B, C_max] int64 and positive [B, C_max] bool.
 
     As released, positives (present + not exhaustive) come first, then the verified-absent
-    classes, then random negatives from the known classes in neither list; the release draws
+    classes, then random negatives from the pool classes in none of them; the release draws
     one random negative more than it needs, sorts them and keeps the smallest (its candidate
     list is cut to C_max after the draw), which this reproduces.
     """
-    if not 0 < max_classes <= len(known):
+    if not 0 < max_classes <= len(pool):
         raise ValueError(
-            f"C_max={max_classes} must be in [1, {len(known)}] (number of known classes); "
-            "check cfg.MODEL.SEGPROMPT.MAX_PROMPT_CLASSES."
+            f"C_max={max_classes} must be in [1, {len(pool)}] (number of classes negatives are "
+            "drawn from); check cfg.MODEL.SEGPROMPT.MAX_PROMPT_CLASSES / NEGATIVE_POOL."
         )
     rng = rng or random
     empty = torch.zeros(0, dtype=torch.int64)
@@ -98,8 +98,8 @@ def select_prompt_classes(
         chosen = torch.cat([positives, verified])[:max_classes]
         missing = max_classes - chosen.numel()
         if missing > 0:
-            pool = sorted(set(known) - set(positives.tolist()) - set(verified.tolist()))
-            drawn = sorted(rng.sample(pool, min(missing + 1, len(pool))))[:missing]
+            absent = sorted(set(pool) - set(positives.tolist()) - set(verified.tolist()))
+            drawn = sorted(rng.sample(absent, min(missing + 1, len(absent))))[:missing]
             chosen = torch.cat([chosen, torch.tensor(drawn, dtype=torch.int64)])
         all_ids.append(chosen)
         all_positive.append(torch.arange(max_classes) < positives.numel())
