@@ -270,7 +270,9 @@ def test_federated_labels_pass_the_mapper(lvis_root):
     record = next(d for d in DatasetCatalog.get("openseg_lvis_ow_train") if d["image_id"] == 101)
     Path(record["file_name"]).parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(record["file_name"])
-    cfg = load_config(opts=["INPUT.DATASET_MAPPER_NAME", "instance", "INPUT.MIN_SIZE_TRAIN", "(40,)"])
+    cfg = load_config(
+        opts=["INPUT.DATASET_MAPPER_NAME", "instance", "INPUT.MIN_SIZE_TRAIN", "(40,)"]
+    )
     mapped = build_mapper(cfg, is_train=True)(record)
     assert mapped["not_exhaustive_classes"] == [3] and mapped["neg_classes"] == [1, 7]
     assert len(mapped["instances"]) > 0

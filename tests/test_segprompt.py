@@ -333,7 +333,8 @@ def test_federated_labels_reach_the_targets_only_for_open_world_training_sets():
     batch = synthetic_batch()
     batch[0].update(not_exhaustive_classes=[4, 0], neg_classes=[3])
     targets = model.prepare_targets(batch, model.preprocess_images(batch))
-    assert targets[0]["not_exhaustive"].tolist() == [4, 0] and targets[0]["negative"].tolist() == [3]
+    assert targets[0]["not_exhaustive"].tolist() == [4, 0]
+    assert targets[0]["negative"].tolist() == [3]
     assert targets[1]["not_exhaustive"].numel() == 0 and targets[1]["negative"].numel() == 0
     model.train()
     losses = model(batch)  # a training step with the lists
@@ -433,7 +434,7 @@ def test_prompt_losses_supervise_as_released():
     assert torch.allclose(losses["loss_ce_prompt"], weights["loss_ce_prompt"] * expected_ce)
     torch.manual_seed(1)
     model.match_prompts(outputs, targets, rows)  # the same random draws as prompt_losses
-    pairs = (torch.tensor([q for q, _ in supervised_pairs]), torch.tensor([g for _, g in supervised_pairs]))
+    pairs = tuple(torch.tensor(column) for column in zip(*supervised_pairs))
     expected = model.criterion.compute(outputs, targets, 4.0, indices=[pairs], losses=["masks"])
     for key in ("loss_mask", "loss_dice"):
         assert torch.allclose(losses[key + "_prompt"], weights[key + "_prompt"] * expected[key])

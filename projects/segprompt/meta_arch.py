@@ -426,8 +426,9 @@ class SegPromptMaskFormer(OpenSegMaskFormer):
             )
             for t in targets
         ]
-        not_exhaustive = [t.get("not_exhaustive", torch.zeros(0, dtype=torch.int64)) for t in targets]
-        negative = [t.get("negative", torch.zeros(0, dtype=torch.int64)) for t in targets]
+        none = torch.zeros(0, dtype=torch.int64)
+        not_exhaustive = [t.get("not_exhaustive", none) for t in targets]
+        negative = [t.get("negative", none) for t in targets]
         rows, positive = select_prompt_classes(
             present,
             self.negative_pool,
