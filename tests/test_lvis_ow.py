@@ -27,6 +27,8 @@ CATEGORIES = [
     (7, "kazoo.n.01", "r"),
     (8, "mug.n.04", "c"),
 ]
+# image id -> LVIS's federated labels (not exhaustive, verified absent), LVIS ids
+FEDERATED = {101: ([4], [2, 8]), 103: ([], [5])}
 # image id -> LVIS categories of its annotations
 LVIS_TRAIN = {101: [1, 4, 4, 3], 102: [4, 4, 5, 6], 103: [4, 1, 1, 8], 104: [3, 3, 5], 105: [1, 7]}
 LVIS_VAL = {201: [6, 5], 202: [1, 8]}
@@ -56,8 +58,8 @@ def lvis_file(images, split, first_id):
                 "id": i,
                 "height": 40,
                 "width": 40,
-                "neg_category_ids": [],
-                "not_exhaustive_category_ids": [],
+                "neg_category_ids": FEDERATED.get(i, ([], []))[1],
+                "not_exhaustive_category_ids": FEDERATED.get(i, ([], []))[0],
                 "coco_url": f"http://images.cocodataset.org/{split}2017/{i:012d}.jpg",
             }
             for i in images
@@ -231,6 +233,17 @@ def test_registered_splits_load(lvis_root):
     assert len(train) == 3
     classes = sorted(a["category_id"] for d in train for a in d["annotations"] if not a["iscrowd"])
     assert classes == [0, 0, 0, 0, 1, 3, 3, 3]  # contiguous = LVIS id - 1
+    # LVIS's federated labels of each image, LVIS ids and contiguous ids (SegPrompt's classes)
+    federated = {
+        d["image_id"]: (
+            d["not_exhaustive_category_ids"], d["neg_category_ids"],
+            d["not_exhaustive_classes"], d["neg_classes"],
+        )
+        for d in train
+    }
+    assert federated == {
+        101: ([4], [2, 8], [3], [1, 7]), 103: ([], [5], [], [4]), 104: ([], [], [], []),
+    }
     meta = MetadataCatalog.get("openseg_lvis_ow_test")
     assert meta.class_splits == {"known": [0, 1, 3], "seen": [2, 4, 7], "unseen": [5, 6]}
     assert meta.evaluators == ["open_world_ar"] and len(meta.thing_classes) == 1203
@@ -242,6 +255,40 @@ def test_registered_splits_load(lvis_root):
     labels = sorted(a["category_id"] for d in coco_lvis for a in d["annotations"])
     assert labels == [0, 0, 19, 19, 52]
     assert len(MetadataCatalog.get("openseg_coco_lvis_train").thing_classes) == 80
+
+
+def test_federated_labels_pass_the_mapper(lvis_root):
+    """The instance mapper keeps the dict's federated class ids for the model's targets."""
+    import numpy as np
+    from PIL import Image
+
+    from openseg.config import load_config
+    from openseg.data.mappers import build_mapper
+
+    register_all_lvis_ow(lvis_root)
+    load_prepare_lvis_ow().prepare(lvis_root, class_lists=LISTS)
+    record = next(d for d in DatasetCatalog.get("openseg_lvis_ow_train") if d["image_id"] == 101)
+    Path(record["file_name"]).parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(record["file_name"])
+    cfg = load_config(
+        opts=["INPUT.DATASET_MAPPER_NAME", "instance", "INPUT.MIN_SIZE_TRAIN", "(40,)"]
+    )
+    mapped = build_mapper(cfg, is_train=True)(record)
+    assert mapped["not_exhaustive_classes"] == [3] and mapped["neg_classes"] == [1, 7]
+    assert len(mapped["instances"]) > 0
+
+
+def test_unknown_federated_category_is_reported():
+    from openseg.data.datasets.lvis import add_federated_classes
+
+    record = {}
+    add_federated_classes(record, {"id": 7, "neg_category_ids": [2]}, {1: 0, 2: 1})
+    assert record == {
+        "not_exhaustive_category_ids": [], "not_exhaustive_classes": [],
+        "neg_category_ids": [2], "neg_classes": [1],
+    }
+    with pytest.raises(ValueError, match="image 7: neg_category_ids \\[9\\]"):
+        add_federated_classes({}, {"id": 7, "neg_category_ids": [9]}, {1: 0, 2: 1})
 
 
 def test_missing_input_names_the_file(tmp_path):

@@ -18,7 +18,11 @@ the tensor scale:
 * every weighted loss term (final and each deep-supervision level) of the example
   supervision, the prompt-based branch (intra-class matching, only-matched positives, no
   mask loss for unmatched queries) and the baseline, each criterion started from the seed
-  the release's ran from, so both sample the same points.
+  the release's ran from, so both sample the same points;
+* the prompt-based branch's loss terms once more on other ground truth: classes with more
+  instances than K (the release's single assignment pairs the surplus with other classes'
+  queries, also of a supervised group) and a positive class without mask supervision (an
+  LVIS not-exhaustive class: all its queries "object").
 """
 
 import pytest
@@ -90,17 +94,17 @@ def decoded(reference, lvis_like_metadata):
     assert {k for k in own if k.startswith("transformer_decoder.")} <= set(converted)
     model.load_state_dict(converted, strict=False)
     inputs = reference["inputs"]
-    targets = [
-        {"labels": torch.zeros_like(labels), "masks": masks.bool(), "known_rows": labels}
-        for labels, masks in zip(inputs["gt_labels"], inputs["gt_masks"])
-    ]
+    targets = []
+    for labels, masks in zip(inputs["gt_labels"], inputs["gt_masks"]):
+        gt = {"labels": torch.zeros_like(labels), "masks": masks.bool(), "classes": labels}
+        targets.append({**gt, "known_rows": labels, "prompt_gt": gt})
     patch = pytest.MonkeyPatch()
     # the release's random choices, injected: classes (SegPrompt.forward), r_k (the decoder)
     # and the example order (all instances in annotation order, as fed to the decoder)
     patch.setattr(
         segprompt_meta_arch,
         "select_prompt_classes",
-        lambda present, known, max_classes: (inputs["candidates"], inputs["positive"]),
+        lambda present, known, max_classes, **federated: (inputs["candidates"], inputs["positive"]),
     )
     patch.setattr(
         segprompt_meta_arch, "select_examples", lambda rows, n: torch.arange(len(rows))[:n]
@@ -109,7 +113,7 @@ def decoded(reference, lvis_like_metadata):
     try:
         with torch.no_grad():
             example_group, selected = model.example_group(targets, inputs["mask_features"])
-            prompt_groups, plan = model.prompt_groups(targets, inputs["mask_features"])
+            prompt_groups, plan = model.prompt_groups(targets, inputs["mask_features"], selected)
             out = model.transformer_decoder(
                 inputs["features"],
                 inputs["mask_features"],
@@ -120,9 +124,24 @@ def decoded(reference, lvis_like_metadata):
             losses = {"example": model.example_losses(out["extra"][0], targets, selected)}
             torch.manual_seed(seeds["prompt"])
             prompt_outputs = concat_query_outputs(out["extra"][1:])
-            losses["prompt"] = model.prompt_losses(prompt_outputs, targets, plan)
+            prompt_gt = [t["prompt_gt"] for t in targets]
+            losses["prompt"] = model.prompt_losses(prompt_outputs, prompt_gt, plan)
             torch.manual_seed(seeds["baseline"])
             losses["baseline"] = model.criterion.weighted(model.criterion(out, targets))
+            surplus = inputs["surplus"]
+            surplus_targets = [
+                {"labels": torch.zeros_like(labels), "masks": masks, "classes": labels}
+                for labels, masks in zip(surplus["gt_labels"], surplus["gt_masks"])
+            ]
+            surplus_plan = (inputs["candidates"], surplus["positive"], surplus["supervised"])
+            torch.manual_seed(seeds["prompt_surplus"])
+            losses["prompt_surplus"] = model.prompt_losses(
+                prompt_outputs, surplus_targets, surplus_plan
+            )
+            torch.manual_seed(seeds["prompt_surplus"])  # the final level's pairs above
+            model.surplus_pairs = model.match_prompts(
+                prompt_outputs, surplus_targets, inputs["candidates"]
+            )
     finally:
         patch.undo()
     model.fixture_losses = losses
@@ -184,7 +203,7 @@ def release_name(branch: str, ours: str) -> str:
     return ours
 
 
-@pytest.mark.parametrize("branch", ["example", "prompt", "baseline"])
+@pytest.mark.parametrize("branch", ["example", "prompt", "baseline", "prompt_surplus"])
 def test_every_loss_term_matches(reference, decoded, branch):
     model, _ = decoded
     ours = model.fixture_losses[branch]
@@ -192,3 +211,19 @@ def test_every_loss_term_matches(reference, decoded, branch):
     assert sorted(release_name(branch, k) for k in ours) == sorted(theirs)
     for key, value in ours.items():
         assert_close(value, theirs[release_name(branch, key)], f"{branch} {key}")
+
+
+def test_surplus_case_exercises_cross_class_pairs(reference, decoded):
+    """The fixture's surplus ground truth does reach other classes' queries: in both images
+    one instance is paired with a query of another class (final level), in image 1 with a
+    query of a supervised group."""
+    model, _ = decoded
+    candidates = reference["inputs"]["candidates"]
+    labels = reference["inputs"]["surplus"]["gt_labels"]
+    supervised = reference["inputs"]["surplus"]["supervised"]
+    for image, (queries, gts) in enumerate(model.surplus_pairs):
+        groups = queries // 2
+        cross = candidates[image][groups] != labels[image][gts]
+        assert int(cross.sum()) == 1
+        if image == 1:
+            assert supervised[image][groups[cross]].all()

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from scipy.optimize import linear_sum_assignment
 from detectron2.data import MetadataCatalog
 from detectron2.modeling import build_model
 from detectron2.structures import Instances
@@ -20,9 +21,11 @@ from openseg.modeling.meta_arch import OpenSegMaskFormer
 from openseg.projects.segprompt import (
     PromptCache,
     SegPromptMaskFormer,
+    class_restricted_assignment,
     one_to_one_assignment,
     select_examples,
     select_prompt_classes,
+    supervised_classes,
 )
 from openseg.projects.segprompt import prompt_cache as prompt_cache_module
 from segprompt_test_config import tiny_segprompt_cfg
@@ -97,7 +100,7 @@ def groups_for(model, batch):
     images, mask_features, multi_scale = decoder_inputs(model, batch)
     targets = model.prepare_targets(batch, images)
     example_group, selected = model.example_group(targets, mask_features)
-    prompt_groups, plan = model.prompt_groups(targets, mask_features)
+    prompt_groups, plan = model.prompt_groups(targets, mask_features, selected)
     return multi_scale, mask_features, targets, example_group, prompt_groups, plan
 
 
@@ -285,9 +288,121 @@ def test_example_selection_follows_release():
         select_prompt_classes([torch.tensor([0])], [0, 2], 3)
 
 
-def test_intra_class_matching_leaves_unmatched_queries_without_mask():
-    """K = 2 queries per class: a class with 3 ground truths gets 2 pairs, a class with one
-    gets 1; every pair stays inside its class and is the optimum found by brute force."""
+def test_class_selection_with_lvis_federated_labels_follows_release():
+    """Positives = present + not exhaustive (id order), then the verified-absent classes (id
+    order, any class), then random known negatives outside both lists; the release draws one
+    negative more than it needs and keeps the smallest after sorting."""
+    t = torch.tensor
+    rows, positive = select_prompt_classes(
+        [t([2, 0]), t([], dtype=torch.long), t([0])],
+        [0, 2, 5, 7, 9],
+        4,
+        random.Random(0),
+        not_exhaustive=[t([8]), t([], dtype=torch.long), t([0])],
+        negative=[t([7, 11]), t([9, 5, 2]), t([], dtype=torch.long)],
+    )
+    # image 0: positives 0, 2, 8 (8 is not known: a not-exhaustive LVIS class), then 7, 11
+    # (11 cut by C_max); image 1: negatives 2, 5, 9 then one from {0, 7}: the release draws
+    # two ({0, 7}), sorts them and keeps 0
+    assert rows.tolist()[0] == [0, 2, 8, 7] and positive.tolist()[0] == [True, True, True, False]
+    assert rows.tolist()[1] == [2, 5, 9, 0] and not positive[1].any()
+    # image 2: the pool {2, 5, 7, 9} minus nothing; 3 needed, 4 drawn, the 3 smallest kept
+    assert rows.tolist()[2] == [0, 2, 5, 7] and positive.tolist()[2] == [True, False, False, False]
+    # without federated labels: as before (present classes, then random known negatives)
+    plain, _ = select_prompt_classes([t([2])], [0, 2, 5, 7], 2, random.Random(1))
+    assert plain[0].tolist() == [2, min(random.Random(1).sample([0, 5, 7], 2))]
+
+
+def test_supervised_classes_are_example_classes_outside_the_federated_lists():
+    rows = torch.tensor([[0, 2, 8, 7], [0, 3, 5, 6]])
+    examples = [torch.tensor([2, 0, 2]), torch.tensor([5])]  # image 1: class 0 not an example
+    supervised = supervised_classes(
+        rows, examples, not_exhaustive=[torch.tensor([0, 8]), torch.tensor([], dtype=torch.long)],
+        negative=[torch.tensor([7]), torch.tensor([], dtype=torch.long)],
+    )
+    assert supervised.tolist() == [[False, True, False, False], [False, False, True, False]]
+    assert supervised_classes(rows, examples).tolist() == [
+        [True, True, False, False],
+        [False, False, True, False],
+    ]
+
+
+def test_federated_labels_reach_the_targets_only_for_open_world_training_sets():
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg())  # 3 of 5 classes known: the lists are used
+    batch = synthetic_batch()
+    batch[0].update(not_exhaustive_classes=[4, 0], neg_classes=[3])
+    targets = model.prepare_targets(batch, model.preprocess_images(batch))
+    assert targets[0]["not_exhaustive"].tolist() == [4, 0]
+    assert targets[0]["negative"].tolist() == [3]
+    assert targets[1]["not_exhaustive"].numel() == 0 and targets[1]["negative"].numel() == 0
+    model.train()
+    losses = model(batch)  # a training step with the lists
+    assert all(torch.isfinite(v) for v in losses.values())
+    model.federated_labels = False  # every class known (full LVIS): the release ignores them
+    targets = model.prepare_targets(batch, model.preprocess_images(batch))
+    assert targets[0]["not_exhaustive"].numel() == 0 and targets[0]["negative"].numel() == 0
+
+
+def release_matching_cost(cost, query_classes, target_classes):
+    """The release's `HungarianMatcherClasswise` cost, written out as it reads: a query whose
+    class has no ground truth costs 1000 everywhere, otherwise 1000 at the ground truth of the
+    other classes."""
+    cost = cost.clone()
+    for q, c in enumerate(query_classes.tolist()):
+        if c not in target_classes.tolist():
+            cost[q, :] = 1000
+        else:
+            cost[q, [m for m, t in enumerate(target_classes.tolist()) if t != c]] = 1000
+    return cost
+
+
+def brute_force_optimum(cost):
+    """Minimum total cost of assigning every ground truth (column) to a distinct query."""
+    queries, gts = cost.shape
+    return min(
+        sum(float(cost[q, g]) for g, q in enumerate(p))
+        for p in itertools.permutations(range(queries), gts)
+    )
+
+
+def test_matching_is_the_releases_single_class_restricted_assignment():
+    """K = 2, groups [class 0 | class 2 | class 3 (negative)], ground truth [0, 0, 0, 2]:
+    solving class by class leaves the third class-0 instance unmatched; the release's one
+    assignment pairs it, at cost 1000, with a query of another group, and keeps the
+    within-class pairs the brute-force optimum has."""
+    generator = torch.Generator().manual_seed(3)
+    cost = torch.rand(6, 4, generator=generator)
+    query_classes = torch.tensor([0, 0, 2, 2, 3, 3])
+    target_classes = torch.tensor([0, 0, 0, 2])
+    queries, gts = class_restricted_assignment(cost, query_classes, target_classes)
+    release = release_matching_cost(cost, query_classes, target_classes)
+    assert len(queries) == 4 and sorted(gts.tolist()) == [0, 1, 2, 3]
+    total = float(release[queries, gts].sum())
+    assert total == pytest.approx(brute_force_optimum(release))
+    expected = [torch.as_tensor(x) for x in linear_sum_assignment(release.numpy())]
+    assert queries.tolist() == expected[0].tolist() and gts.tolist() == expected[1].tolist()
+    surplus = [(q, g) for q, g in zip(queries.tolist(), gts.tolist()) if release[q, g] == 1000]
+    assert len(surplus) == 1 and query_classes[surplus[0][0]] != 0
+    # per class (the former openseg): 2 + 1 pairs, the surplus instance unmatched
+    per_class = [one_to_one_assignment(cost[0:2, 0:3]), one_to_one_assignment(cost[2:4, 3:4])]
+    assert sum(len(q) for q, _ in per_class) == 3
+    within = sorted((q, g) for q, g in zip(queries.tolist(), gts.tolist()) if release[q, g] < 1000)
+    # the within-class pairs are optimal among assignments that leave one class-0 instance out
+    assert sum(float(cost[q, g]) for q, g in within) == pytest.approx(
+        min(
+            brute_force_optimum(cost[0:2][:, kept]) + float(cost[2:4, 3].min())
+            for kept in ([0, 1], [0, 2], [1, 2])
+        )
+    )
+
+
+def test_prompt_losses_supervise_as_released():
+    """Groups [class 0 (3 instances, supervised) | class 2 (positive, not exhaustive: all
+    "object", no mask) | class 3 (negative)], K = 2. Class targets by hand: the matched
+    class-0 queries and both class-2 queries are "object"; the mask loss covers exactly the
+    pairs of the class-0 group (the surplus class-0 instance, paired with a class-2 or class-3
+    query, adds neither a mask loss nor an "object")."""
     torch.manual_seed(0)
     model = build_model(tiny_cfg())
     masks = torch.zeros(4, 16, 16, dtype=torch.bool)
@@ -297,36 +412,32 @@ def test_intra_class_matching_leaves_unmatched_queries_without_mask():
         {
             "labels": torch.zeros(4, dtype=torch.long),
             "masks": masks,
-            "known_rows": torch.tensor([0, 0, 0, 2]),
+            "classes": torch.tensor([0, 0, 0, 2]),
         }
     ]
     outputs = {"pred_logits": torch.randn(1, 6, 2), "pred_masks": torch.randn(1, 6, 16, 16)}
-    rows, positive = torch.tensor([[0, 2, 3]]), torch.tensor([[True, True, False]])
+    rows = torch.tensor([[0, 2, 3]])
+    positive = torch.tensor([[True, True, False]])
+    supervised = torch.tensor([[True, False, False]])
+    model.criterion.deep_supervision = False
     torch.manual_seed(1)
-    ((queries, gts),) = model.match_prompts(outputs, targets, rows, positive)
-    assert len(queries) == 3 and set(queries.tolist()) <= {0, 1, 2, 3}
-    for q, g in zip(queries.tolist(), gts.tolist()):
-        assert targets[0]["known_rows"][g].item() == rows[0, q // 2].item()
-    torch.manual_seed(1)  # same matcher point samples as inside match_prompts
-    cost = model.criterion.matcher.cost_matrix(
-        outputs["pred_logits"][0, 0:2],
-        outputs["pred_masks"][0, 0:2],
-        torch.zeros(3, dtype=torch.long),
-        masks[:3],
-    )
-    best = min(itertools.permutations(range(3), 2), key=lambda p: cost[0, p[0]] + cost[1, p[1]])
-    class0 = sorted((q, g) for q, g in zip(queries.tolist(), gts.tolist()) if q < 2)
-    assert class0 == [(0, best[0]), (1, best[1])]
-    # the classification target of every other prompt query is "no object", no mask loss
-    losses = model.criterion.compute(
-        outputs, targets, 4.0, indices=[(queries, gts)], suffix="_prompt"
-    )
-    target = torch.full((6,), 1)
-    target[queries] = 0
+    ((queries, gts),) = model.match_prompts(outputs, targets, rows)
+    torch.manual_seed(1)
+    losses = model.prompt_losses(outputs, targets, (rows, positive, supervised))
+    supervised_pairs = [(q, g) for q, g in zip(queries.tolist(), gts.tolist()) if q < 2]
+    target = torch.tensor([1, 1, 0, 0, 1, 1])
+    target[[q for q, _ in supervised_pairs]] = 0
+    weights = model.criterion.weight_dict
     expected_ce = torch.nn.functional.cross_entropy(
         outputs["pred_logits"][0], target, model.criterion.empty_weight
     )
-    assert torch.allclose(losses["loss_ce_prompt"], expected_ce)
+    assert torch.allclose(losses["loss_ce_prompt"], weights["loss_ce_prompt"] * expected_ce)
+    torch.manual_seed(1)
+    model.match_prompts(outputs, targets, rows)  # the same random draws as prompt_losses
+    pairs = tuple(torch.tensor(column) for column in zip(*supervised_pairs))
+    expected = model.criterion.compute(outputs, targets, 4.0, indices=[pairs], losses=["masks"])
+    for key in ("loss_mask", "loss_dice"):
+        assert torch.allclose(losses[key + "_prompt"], weights[key + "_prompt"] * expected[key])
 
 
 def test_one_to_one_assignment_is_hungarian():
@@ -406,6 +517,18 @@ def test_min_mask_area_drops_small_known_instances():
     targets = model.prepare_targets(batch, model.preprocess_images(batch))
     # image 0: [0 (kept), 0 (dropped), 1 (not known: kept)]; image 1: both known, dropped
     assert targets[0]["known_rows"].tolist() == [0, -1] and len(targets[1]["masks"]) == 0
+    # the prompt branch's ground truth keeps every instance (the release's prompt criterion
+    # reads the unfiltered targets), with class ids
+    assert targets[0]["prompt_gt"]["classes"].tolist() == [0, 0, 1]
+    assert targets[1]["prompt_gt"]["classes"].tolist() == [3, 2]
+    assert torch.equal(targets[1]["prompt_gt"]["masks"], batch[1]["instances"].gt_masks)
+    # positives: eligible known classes and the classes of instances that are not known
+    # (release `labels_ouv`); image 1's known instances are too small, so it has none
+    images, mask_features, _ = decoder_inputs(model, batch)
+    _, selected = model.example_group(targets, mask_features)
+    _, (rows, positive, supervised) = model.prompt_groups(targets, mask_features, selected)
+    assert rows[0, :2].tolist() == [0, 1] and positive.tolist()[0] == [True, True, False]
+    assert supervised.tolist()[0] == [True, False, False] and not positive[1].any()
 
 
 def test_vanilla_m2f_is_a_parallel_branch_with_its_own_class_head_only():
@@ -466,6 +589,16 @@ def test_bad_config_is_reported():
         build_model(tiny_cfg(PROMPT_ATTENTION="self"))
     with pytest.raises(ValueError, match="PROMPT_BRANCH_WEIGHT"):
         build_model(tiny_cfg(PROMPT_BRANCH_WEIGHT=[1.0]))
+    with pytest.raises(ValueError, match="NEGATIVE_POOL"):
+        build_model(tiny_cfg(NEGATIVE_POOL="seen"))
+
+
+def test_negative_pool_is_every_class_as_released_or_the_known_ones():
+    torch.manual_seed(0)
+    assert build_model(tiny_cfg()).negative_pool == [0, 1, 2, 3, 4]  # release: in_voc | out_voc
+    assert build_model(tiny_cfg(NEGATIVE_POOL="known")).negative_pool == KNOWN
+    rows, positive = select_prompt_classes([torch.tensor([0])], [0, 1, 2, 3, 4], 5)
+    assert rows.tolist() == [[0, 1, 2, 3, 4]] and positive.tolist() == [[True] + [False] * 4]
 
 
 @pytest.mark.parametrize(

@@ -9,6 +9,8 @@ from detectron2.config import CfgNode as CN
 
 # Table 5: "None", "Vanilla M2F", "Ours" (= segprompt)
 AUXILIARY_MODES = ("segprompt", "vanilla_m2f", "none")
+# classes the random negative prompt groups are drawn from (Sec. 3.4)
+NEGATIVE_POOLS = ("all", "known")
 # Table 7, rows 1-4
 PROMPT_ATTENTIONS = (
     "SelfAttn",
@@ -36,12 +38,17 @@ def add_segprompt_config(cfg: CN) -> None:
     # K = 10 queries per class (the release's NUM_OPEN_QUERIES 300 / QUERY_REPEAT 10)
     sp.MAX_PROMPT_CLASSES = 30
     sp.QUERIES_PER_CLASS = 10
+    # random negative classes (Sec. 3.4, "uniformly selected from all negative classes"):
+    # "all" = every class of the training set's vocabulary absent from the image (release:
+    # `in_voc_id_set | out_voc_id_set`, all 1203 LVIS classes on LVIS-OW, most of them not
+    # known, with prompt-cache rows that stay zero); "known" = the known classes only
+    sp.NEGATIVE_POOL = "all"
     # multipliers of the class / mask / dice weights for the prompt-based (and vanilla_m2f)
     # branch's losses (release OPEN_BRANCH_WEIGHT)
     sp.PROMPT_BRANCH_WEIGHT = [1.0, 1.0, 1.0]
     # known instances whose mask has at most this many pixels (at the training input size) are
-    # left out of the example queries, the positive classes and the targets of the baseline
-    # and prompt branches (release MIN_MASK_AREA)
+    # left out of the example queries, the positive classes and the baseline's targets; the
+    # prompt branch's matching and loss still see them, as released (release MIN_MASK_AREA)
     sp.MIN_MASK_AREA = 100
     # Eq. 6, v_ck = p_c + r_k + s_c: False drops p_c ("w/o p") or s_c ("w/o s"), Table 6
     sp.USE_PROMPT = True

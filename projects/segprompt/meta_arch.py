@@ -12,9 +12,11 @@ groups (`openseg.modeling.mask_decoder.QueryGroup`):
   "example supervision" trains their class ("object") and mask at every decoder level;
 - the prompt-based prediction branch (Sec. 3.4): C_max known classes per image, K queries per
   class initialised ``p_c + r_k + s_c`` (Eq. 6); with reference attention (Eq. 7) a class
-  group reads the baseline queries and itself. Intra-class Hungarian matching; matched
-  queries are "object" with the mask loss, unmatched and negative-class queries "no object"
-  without mask loss.
+  group reads the baseline queries and itself. Intra-class Hungarian matching (the release's
+  single assignment with costly cross-class pairs, `matching.py`); matched queries are
+  "object" with the mask loss, unmatched and negative-class queries "no object" without mask
+  loss; with LVIS's federated labels, positive classes that are not exhaustively annotated
+  (or not among the image's examples) are "object" without matching (release).
 
 The "Vanilla M2F" auxiliary of Table 5 instead decodes a parallel copy of the baseline
 queries (every weight shared) whose own class head is trained class-aware on the known
@@ -37,15 +39,23 @@ from openseg.modeling.losses import SetCriterion
 from openseg.modeling.mask_decoder import QueryGroup
 from openseg.modeling.meta_arch import OpenSegMaskFormer
 
-from .config import AUXILIARY_MODES, PROMPT_ATTENTIONS
-from .matching import one_to_one_assignment
+from .config import AUXILIARY_MODES, NEGATIVE_POOLS, PROMPT_ATTENTIONS
+from .matching import class_restricted_assignment
 from .prompt_cache import PromptCache
-from .queries import PromptQueryBuilder, select_examples, select_prompt_classes
+from .queries import (
+    PromptQueryBuilder,
+    select_examples,
+    select_prompt_classes,
+    supervised_classes,
+)
 
 logger = logging.getLogger(__name__)
 
 Indices = List[Tuple[Tensor, Tensor]]
 OUTPUT_KEYS = ("pred_logits", "pred_masks", "pred_embeds", "pred_queries")
+# dataset-dict keys of LVIS's federated labels in contiguous ids (openseg.data.datasets.lvis)
+# -> target keys
+FEDERATED_INPUTS = {"not_exhaustive_classes": "not_exhaustive", "neg_classes": "negative"}
 
 
 def known_classes_of_dataset(dataset_name: str) -> Tuple[List[int], int]:
@@ -93,7 +103,11 @@ class SegPromptMaskFormer(OpenSegMaskFormer):
     """Class-agnostic Mask2Former trained with SegPrompt's auxiliary prompt branches.
 
     Training targets need per-instance ``gt_classes`` (contiguous ids); only the known classes
-    (see `known_classes_of_dataset`) take part in the prompt branches.
+    (see `known_classes_of_dataset`) take part in the prompt branches. Input dicts may carry
+    LVIS's federated labels (``not_exhaustive_classes``, ``neg_classes``: contiguous ids, see
+    `openseg.data.datasets.lvis`); as in the release they steer the class selection only when
+    the training set has classes that are not known (LVIS-OW; the release reads them when its
+    `out_voc_id_set` is not empty, i.e. not on full LVIS).
     """
 
     @configurable
@@ -109,6 +123,7 @@ class SegPromptMaskFormer(OpenSegMaskFormer):
         max_prompt_classes: int,
         queries_per_class: int,
         min_mask_area: int,
+        negative_pool: str = "all",
         prompt_attention: str,
         use_prompt: bool,
         use_class_embedding: bool,
@@ -129,6 +144,8 @@ class SegPromptMaskFormer(OpenSegMaskFormer):
             example_supervision: train the example queries' class and mask.
             cache_momentum: momentum m of the prompt cache (Eq. 5).
             max_prompt_classes: C_max class groups per image.
+            negative_pool: "all" (every class of the dataset, release) or "known": the
+                classes random negative groups are drawn from.
             queries_per_class: K queries per class group.
             min_mask_area: known instances of at most this many pixels are dropped from the
                 training targets (release MIN_MASK_AREA; not applied with auxiliary "none").
@@ -147,6 +164,7 @@ class SegPromptMaskFormer(OpenSegMaskFormer):
         for name, value, allowed in (
             ("AUXILIARY", auxiliary, AUXILIARY_MODES),
             ("PROMPT_ATTENTION", prompt_attention, PROMPT_ATTENTIONS),
+            ("NEGATIVE_POOL", negative_pool, NEGATIVE_POOLS),
         ):
             if value not in allowed:
                 raise ValueError(
@@ -163,11 +181,15 @@ class SegPromptMaskFormer(OpenSegMaskFormer):
         self.auxiliary = auxiliary
         self.max_examples = max_examples
         self.example_supervision = example_supervision
-        self.max_prompt_classes = min(max_prompt_classes, len(known_classes))
+        self.negative_pool = (
+            list(range(num_dataset_classes)) if negative_pool == "all" else known_classes
+        )
+        self.max_prompt_classes = min(max_prompt_classes, len(self.negative_pool))
         self.queries_per_class = queries_per_class
         self.min_mask_area = min_mask_area
         self.prompt_attention = prompt_attention
         self.known_classes = known_classes
+        self.federated_labels = len(known_classes) < num_dataset_classes
         is_known = torch.zeros(num_dataset_classes, dtype=torch.bool)
         is_known[torch.tensor(known_classes)] = True
         self.register_buffer("is_known", is_known, persistent=False)
@@ -212,6 +234,7 @@ class SegPromptMaskFormer(OpenSegMaskFormer):
             max_prompt_classes=sp.MAX_PROMPT_CLASSES,
             queries_per_class=sp.QUERIES_PER_CLASS,
             min_mask_area=sp.MIN_MASK_AREA,
+            negative_pool=sp.NEGATIVE_POOL,
             prompt_attention=sp.PROMPT_ATTENTION,
             use_prompt=sp.USE_PROMPT,
             use_class_embedding=sp.USE_CLASS_EMBEDDING,
@@ -283,10 +306,25 @@ class SegPromptMaskFormer(OpenSegMaskFormer):
     def prepare_targets(self, batched_inputs: List[Dict], images: ImageList) -> List[Dict]:
         """Class-agnostic targets plus ``known_rows`` [N]: each instance's class id if the class
         is known, else -1 (the prompt-cache row). With an auxiliary branch, known instances
-        of at most MIN_MASK_AREA pixels are dropped (release `SegPrompt.forward`)."""
+        of at most MIN_MASK_AREA pixels are dropped (release `SegPrompt.forward`). Also
+        ``not_exhaustive`` and ``negative``: the image's federated class ids (int64; empty
+        without them or when `federated_labels` is off). With the prompt branch,
+        ``prompt_gt``: the prompt branch's ground truth, every instance before that filter
+        (``labels``, ``masks`` and ``classes``, the contiguous class ids), as the release's
+        prompt criterion receives it."""
         targets = super().prepare_targets(batched_inputs, images)
         for target, x in zip(targets, batched_inputs):
-            rows = self.known_rows(x["instances"].gt_classes.to(self.device))
+            for key, target_key in FEDERATED_INPUTS.items():
+                ids = x.get(key, []) if self.federated_labels else []
+                target[target_key] = torch.as_tensor(ids, dtype=torch.int64).reshape(-1)
+            classes = x["instances"].gt_classes.to(self.device).long()
+            rows = self.known_rows(classes)
+            if self.auxiliary == "segprompt":
+                target["prompt_gt"] = {
+                    "labels": target["labels"],
+                    "masks": target["masks"],
+                    "classes": classes,
+                }
             if self.auxiliary != "none":
                 area = target["masks"].flatten(1).sum(dim=1)
                 keep = (rows < 0) | (area > self.min_mask_area)
@@ -304,7 +342,7 @@ class SegPromptMaskFormer(OpenSegMaskFormer):
         groups: List[QueryGroup] = []
         if self.auxiliary == "segprompt":
             example_group, selected = self.example_group(targets, mask_features)
-            prompt_groups, prompt_plan = self.prompt_groups(targets, mask_features)
+            prompt_groups, prompt_plan = self.prompt_groups(targets, mask_features, selected)
             groups = [example_group] + prompt_groups
         elif self.auxiliary == "vanilla_m2f":
             groups = [self.vanilla_group(mask_features)]
@@ -315,7 +353,8 @@ class SegPromptMaskFormer(OpenSegMaskFormer):
         if self.auxiliary == "segprompt":
             prompt_outputs = concat_query_outputs(decoded["extra"][1:])
             losses.update(self.example_losses(decoded["extra"][0], targets, selected))
-            losses.update(self.prompt_losses(prompt_outputs, targets, prompt_plan))
+            prompt_gt = [t["prompt_gt"] for t in targets]
+            losses.update(self.prompt_losses(prompt_outputs, prompt_gt, prompt_plan))
         elif self.auxiliary == "vanilla_m2f":
             losses.update(self.vanilla_losses(decoded["extra"][0], targets))
         return losses
@@ -369,12 +408,38 @@ class SegPromptMaskFormer(OpenSegMaskFormer):
         return group, selected
 
     def prompt_groups(
-        self, targets: List[Dict], mask_features: Tensor
-    ) -> Tuple[List[QueryGroup], Tuple[Tensor, Tensor]]:
+        self, targets: List[Dict], mask_features: Tensor, selected: List[Tensor]
+    ) -> Tuple[List[QueryGroup], Tuple[Tensor, Tensor, Tensor]]:
         """C_max class groups of K queries ``p_c + r_k + s_c`` arranged for the Table 7
-        attention variant. Returns the groups and (rows [B, C], positive [B, C])."""
-        present = [t["known_rows"][t["known_rows"] >= 0] for t in targets]
-        rows, positive = select_prompt_classes(present, self.known_classes, self.max_prompt_classes)
+        attention variant; `selected` are the example indices of each image.
+
+        Returns the groups and (rows [B, C], positive [B, C], supervised [B, C]), see
+        `select_prompt_classes` and `supervised_classes`."""
+        # present: known classes with eligible instances, and (release `labels_ouv`) the
+        # classes of instances that are not known
+        present = [
+            torch.cat(
+                [
+                    t["known_rows"][t["known_rows"] >= 0],
+                    t["prompt_gt"]["classes"][self.known_rows(t["prompt_gt"]["classes"]) < 0],
+                ]
+            )
+            for t in targets
+        ]
+        none = torch.zeros(0, dtype=torch.int64)
+        not_exhaustive = [t.get("not_exhaustive", none) for t in targets]
+        negative = [t.get("negative", none) for t in targets]
+        rows, positive = select_prompt_classes(
+            present,
+            self.negative_pool,
+            self.max_prompt_classes,
+            not_exhaustive=not_exhaustive,
+            negative=negative,
+        )
+        example_rows = [
+            t["known_rows"].cpu()[chosen.cpu()] for t, chosen in zip(targets, selected)
+        ]
+        supervised = supervised_classes(rows, example_rows, not_exhaustive, negative)
         rows = rows.to(mask_features.device)
         decoder = self.transformer_decoder
         content, pos = self.query_builder(
@@ -398,7 +463,8 @@ class SegPromptMaskFormer(OpenSegMaskFormer):
                 QueryGroup(content[:, slot], pos[:, slot], sees_main=sees_main)
                 for slot in range(rows.shape[1])
             ]
-        return groups, (rows, positive.to(mask_features.device))
+        device = mask_features.device
+        return groups, (rows, positive.to(device), supervised.to(device))
 
     def vanilla_group(self, mask_features: Tensor) -> QueryGroup:
         """Table 5 "Vanilla M2F": a parallel copy of the baseline queries (same learnable
@@ -441,51 +507,69 @@ class SegPromptMaskFormer(OpenSegMaskFormer):
             )
         return self.criterion.weighted(losses)
 
-    def match_prompts(
-        self, outputs: Dict, targets: List[Dict], rows: Tensor, positive: Tensor
-    ) -> Indices:
-        """Intra-class Hungarian matching (Sec. 3.4): the K queries of a present class's group
-        against the ground truth of that class; negative groups stay unmatched. As in the
-        release (`HungarianMatcherClasswise`), one set of cost points is drawn per image for
-        all its prompt queries and ground truth."""
-        per_class = self.queries_per_class
+    def match_prompts(self, outputs: Dict, prompt_gt: List[Dict], rows: Tensor) -> Indices:
+        """Intra-class matching (Sec. 3.4) as released (`HungarianMatcherClasswise`): per
+        image one Hungarian assignment of all prompt queries (query q belongs to the class of
+        group q // K) to all ground truth (``prompt_gt``: ``labels``, ``masks``, ``classes``
+        per image), pairs of different classes at the release's cross-class cost
+        (`matching.class_restricted_assignment`); one set of cost points per image. Pairs of
+        any group are returned; `prompt_losses` decides which are supervised."""
+        query_classes = rows.repeat_interleave(self.queries_per_class, dim=1)
         matcher = self.criterion.matcher
         indices = []
-        for image, target in enumerate(targets):
+        for image, target in enumerate(prompt_gt):
             cost = matcher.cost_matrix(
                 outputs["pred_logits"][image],
                 outputs["pred_masks"][image],
                 torch.zeros_like(target["labels"]),
                 target["masks"],
             )
-            query_parts, target_parts = [], []
-            for slot in torch.nonzero(positive[image]).flatten().tolist():
-                gt = torch.nonzero(target["known_rows"] == rows[image, slot]).flatten()
-                queries = slice(slot * per_class, (slot + 1) * per_class)
-                query_idx, target_idx = one_to_one_assignment(cost[queries][:, gt])
-                query_parts.append(query_idx + slot * per_class)
-                target_parts.append(gt.cpu()[target_idx])
-            if query_parts:
-                query_idx, target_idx = torch.cat(query_parts), torch.cat(target_parts)
-            else:
-                query_idx = target_idx = torch.zeros(0, dtype=torch.int64)
-            indices.append((query_idx, target_idx))
+            indices.append(
+                class_restricted_assignment(cost, query_classes[image], target["classes"])
+            )
         return indices
 
     def prompt_losses(
-        self, outputs: Dict, targets: List[Dict], plan: Tuple[Tensor, Tensor]
+        self, outputs: Dict, prompt_gt: List[Dict], plan: Tuple[Tensor, Tensor, Tensor]
     ) -> Dict[str, Tensor]:
-        """Classification (every query) and mask losses (matched queries) of the prompt-based
-        prediction branch, matched anew at every decoder level; normalised, as released
-        (`SetCriterion_Open`), by the number of ground-truth masks in the batch."""
-        rows, positive = plan
-        num_masks = self.criterion.get_num_masks(targets, outputs["pred_masks"].device)
+        """Classification (every query) and mask losses of the prompt-based prediction branch
+        against ``prompt_gt`` (see `match_prompts`), matched anew at every decoder level;
+        normalised, as released (`SetCriterion_Open`), by the number of its ground-truth
+        masks in the batch.
+
+        As released (`QUERY_REPEAT_ONLY_MATCH`): in a supervised group (`supervised_classes`)
+        the matched queries are "object" with the mask loss of their ground truth (also a
+        surplus ground truth of another class, see `matching.py`) and the others "no object";
+        every query of a positive group that is not supervised (not-exhaustive LVIS class, or
+        not among the examples) is "object" without mask loss; negative groups are "no
+        object", whatever they were matched to."""
+        rows, positive, supervised = plan
+        per_class = self.queries_per_class
+        query_supervised = supervised.repeat_interleave(per_class, dim=1).cpu()
+        always_object = (positive & ~supervised).repeat_interleave(per_class, dim=1).cpu()
+        num_masks = self.criterion.get_num_masks(prompt_gt, outputs["pred_masks"].device)
         losses = {}
         for suffix, level in output_levels(outputs, self.criterion.deep_supervision):
-            indices = self.match_prompts(level, targets, rows, positive)
+            mask_pairs, object_pairs, object_targets = [], [], []
+            matched = self.match_prompts(level, prompt_gt, rows)
+            for image, (query_idx, target_idx) in enumerate(matched):
+                keep = query_supervised[image][query_idx]
+                mask_pairs.append((query_idx[keep], target_idx[keep]))
+                objects = torch.cat(
+                    [query_idx[keep], torch.nonzero(always_object[image]).flatten()]
+                )
+                object_pairs.append((objects, torch.arange(objects.numel())))
+                object_targets.append({"labels": torch.zeros(objects.numel(), dtype=torch.int64)})
             losses.update(
                 self.criterion.compute(
-                    level, targets, num_masks, indices=indices, suffix="_prompt" + suffix
+                    level, object_targets, num_masks, indices=object_pairs,
+                    suffix="_prompt" + suffix, losses=["labels"],
+                )
+            )
+            losses.update(
+                self.criterion.compute(
+                    level, prompt_gt, num_masks, indices=mask_pairs,
+                    suffix="_prompt" + suffix, losses=["masks"],
                 )
             )
         return self.criterion.weighted(losses)

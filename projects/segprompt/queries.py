@@ -7,10 +7,17 @@ prioritize different classes"; the choice among instances follows the release
 than slots: a random subset of classes; fewer: the remaining slots filled with random other
 instances; no more instances than slots: all of them in annotation order.
 
-Prompt-based prediction branch (Sec. 3.4): C_max known classes per image, the classes present
-first (in id order, at most C_max, as the release truncates its sorted candidate list), then
-negatives drawn uniformly among the absent known classes (sorted, as in the release). Query k
-of class c starts as ``p_c + r_k + s_c`` (Eq. 6), content and positional part alike.
+Prompt-based prediction branch (Sec. 3.4): C_max classes per image (`select_prompt_classes`),
+as the release's `SegPrompt.forward` with LVIS's federated labels: positives are the classes
+present (known classes with eligible instances, and classes of instances that are not known)
+and the image's not-exhaustively annotated classes, in id order (at most C_max); then the
+classes verified absent (LVIS `neg_category_ids`), in id order; then random negatives from a
+pool (release: every class of the vocabulary; or the known classes). The paper only says
+"negative categories are uniformly selected from all negative classes". Of the positives,
+only the classes of the image's examples that are neither not-exhaustive nor verified absent
+take part in matching and the mask loss (`supervised_classes`, the release's
+`mask_loss_masks`); the others' K queries are all "object". Query k of class c starts as
+``p_c + r_k + s_c`` (Eq. 6), content and positional part alike.
 """
 
 import random
@@ -51,31 +58,76 @@ def select_examples(rows: Tensor, max_examples: int, rng: Optional[random.Random
 
 
 def select_prompt_classes(
-    present: List[Tensor], known: List[int], max_classes: int, rng: Optional[random.Random] = None
+    present: List[Tensor],
+    pool: List[int],
+    max_classes: int,
+    rng: Optional[random.Random] = None,
+    not_exhaustive: Optional[List[Tensor]] = None,
+    negative: Optional[List[Tensor]] = None,
 ) -> Tuple[Tensor, Tensor]:
-    """Known classes of each image's class groups: positives first, negatives uniformly.
+    """Classes of each image's C_max prompt groups (see the module docstring).
 
     Args:
-        present: per image, the class ids of its (eligible) known ground truth.
-        known: ids of the known classes (the pool of negatives).
-        max_classes: C_max, groups per image (at most len(known)).
+        present: per image, the class ids of its ground truth that make a class present.
+        pool: ids of the classes random negatives are drawn from.
+        max_classes: C_max, groups per image (at most len(pool)).
+        rng: source of randomness (default: Python's global `random`, like the release).
+        not_exhaustive, negative: per image, LVIS's not-exhaustive / verified-absent class ids
+            (any class of the dataset; None or empty: none).
     Returns:
-        class ids [B, C_max] int64 and positive [B, C_max] bool (the class is in the image).
+        class ids [B, C_max] int64 and positive [B, C_max] bool.
+
+    As released, positives (present + not exhaustive) come first, then the verified-absent
+    classes, then random negatives from the pool classes in none of them; the release draws
+    one random negative more than it needs, sorts them and keeps the smallest (its candidate
+    list is cut to C_max after the draw), which this reproduces.
     """
-    if not 0 < max_classes <= len(known):
+    if not 0 < max_classes <= len(pool):
         raise ValueError(
-            f"C_max={max_classes} must be in [1, {len(known)}] (number of known classes); "
-            "check cfg.MODEL.SEGPROMPT.MAX_PROMPT_CLASSES."
+            f"C_max={max_classes} must be in [1, {len(pool)}] (number of classes negatives are "
+            "drawn from); check cfg.MODEL.SEGPROMPT.MAX_PROMPT_CLASSES / NEGATIVE_POOL."
         )
     rng = rng or random
+    empty = torch.zeros(0, dtype=torch.int64)
+    not_exhaustive = not_exhaustive or [empty] * len(present)
+    negative = negative or [empty] * len(present)
     all_ids, all_positive = [], []
-    for ids in present:
-        positives = torch.unique(ids.cpu())[:max_classes]
-        absent = sorted(set(known) - set(positives.tolist()))
-        negatives = sorted(rng.sample(absent, max_classes - positives.numel()))
-        all_ids.append(torch.cat([positives, torch.tensor(negatives, dtype=torch.int64)]))
+    for ids, extra, absent in zip(present, not_exhaustive, negative):
+        positives = torch.unique(torch.cat([ids.cpu().long(), extra.cpu().long()]))
+        verified = torch.unique(absent.cpu().long())
+        chosen = torch.cat([positives, verified])[:max_classes]
+        missing = max_classes - chosen.numel()
+        if missing > 0:
+            absent = sorted(set(pool) - set(positives.tolist()) - set(verified.tolist()))
+            drawn = sorted(rng.sample(absent, min(missing + 1, len(absent))))[:missing]
+            chosen = torch.cat([chosen, torch.tensor(drawn, dtype=torch.int64)])
+        all_ids.append(chosen)
         all_positive.append(torch.arange(max_classes) < positives.numel())
     return torch.stack(all_ids), torch.stack(all_positive)
+
+
+def supervised_classes(
+    rows: Tensor,
+    example_rows: List[Tensor],
+    not_exhaustive: Optional[List[Tensor]] = None,
+    negative: Optional[List[Tensor]] = None,
+) -> Tensor:
+    """[B, C] bool: the group's class takes part in matching and the mask loss.
+
+    As the release's `mask_loss_masks`: the class is one of the image's example classes
+    (`select_examples`; with more classes than example slots, only the sampled ones) and in
+    neither federated list. The queries of a positive group that is not supervised are all
+    "object" without mask loss (release `SetCriterion_Open`, `QUERY_REPEAT_ONLY_MATCH`).
+    """
+    empty = torch.zeros(0, dtype=torch.int64)
+    not_exhaustive = not_exhaustive or [empty] * len(example_rows)
+    negative = negative or [empty] * len(example_rows)
+    result = []
+    for image_rows, examples, extra, absent in zip(rows, example_rows, not_exhaustive, negative):
+        allowed = examples.to(image_rows.device)
+        excluded = torch.cat([extra, absent]).to(image_rows.device)
+        result.append(torch.isin(image_rows, allowed) & ~torch.isin(image_rows, excluded))
+    return torch.stack(result)
 
 
 class PromptQueryBuilder(nn.Module):

@@ -14,7 +14,11 @@ The release's three criteria are then run on the decoder outputs, each from its 
 seed (so both sides sample the same points): `SetCriterion_Example` (example supervision),
 `SetCriterion_Open` with `HungarianMatcherClasswise` (prompt branch, `QUERY_REPEAT_ONLY_MATCH`,
 `BINARY_CLASSIFICATION`) and the baseline `SetCriterion`, with the release's weights
-(class 2, mask 5, dice 5, no-object 0.1, `OPEN_BRANCH_WEIGHT` 1).
+(class 2, mask 5, dice 5, no-object 0.1, `OPEN_BRANCH_WEIGHT` 1). The prompt criterion runs
+a second time on the same outputs with other ground truth (`_surplus_case`): classes with
+more instances than K (the release's single assignment pairs the surplus with other classes'
+queries) and a positive class without mask supervision (an LVIS not-exhaustive class: its
+`mask_loss_masks` are off, so all its queries are "object").
 
 Saved (`fixtures.pt`): the decoder state dict (release names, under
 ``sem_seg_head.predictor.``), the inputs (multi-scale features, mask features, candidate
@@ -44,7 +48,7 @@ LEVEL_SIZES = [(3, 5), (6, 10), (12, 20)]  # lowest resolution first
 MASK_SIZE = (24, 40)  # mask features; ground-truth masks at 4x (the padded image)
 PAD_ID = 1203
 NUM_POINTS = 200
-LOSS_SEEDS = {"example": 101, "prompt": 202, "baseline": 303}
+LOSS_SEEDS = {"example": 101, "prompt": 202, "baseline": 303, "prompt_surplus": 404}
 WEIGHTS = {"loss_ce": 2.0, "loss_mask": 5.0, "loss_dice": 5.0}
 
 
@@ -155,6 +159,32 @@ def _inputs(generator) -> Dict:
     }
 
 
+def _box_masks(boxes, image_size) -> torch.Tensor:
+    masks = torch.zeros(len(boxes), *image_size, dtype=torch.bool)
+    for i, (y0, x0, y1, x1) in enumerate(boxes):
+        masks[i, y0:y1, x0:x1] = True
+    return masks
+
+
+def _surplus_case() -> Dict:
+    """Prompt-branch ground truth and class flags for the candidates [[2, 7, 4], [5, 1, 9]]
+    (K = 2): image 0 has class 7 three times (supervised) and class 2 once (positive, not
+    supervised: not exhaustive); image 1 has class 5 three times and classes 1 and 9 once,
+    all three positive and supervised, so its surplus class-5 instance lands in a supervised
+    group of another class."""
+    image_size = (MASK_SIZE[0] * 4, MASK_SIZE[1] * 4)
+    boxes = [
+        [(4, 10, 40, 50), (30, 60, 90, 150), (50, 5, 95, 40), (10, 100, 45, 158)],
+        [(10, 20, 70, 110), (0, 0, 30, 30), (60, 120, 96, 160), (20, 40, 50, 90), (5, 70, 40, 140)],
+    ]
+    return {
+        "gt_labels": [torch.tensor([7, 2, 7, 7]), torch.tensor([5, 5, 5, 1, 9])],
+        "gt_masks": [_box_masks(b, image_size) for b in boxes],
+        "positive": torch.tensor([[True, True, False], [True, True, True]]),
+        "supervised": torch.tensor([[False, True, False], [True, True, True]]),
+    }
+
+
 def _accepted_draws(draws: List[torch.Tensor], groups: int) -> torch.Tensor:
     """The release draws K baseline indices per class group with torch.randint and redraws
     while they repeat: keep the first duplicate-free draw of each group."""
@@ -224,6 +254,20 @@ def _release_losses(out: Dict, inputs: Dict) -> Dict[str, Dict[str, torch.Tensor
     results["prompt"] = {k: v * weights2[k] for k, v in losses2.items()}
     torch.manual_seed(LOSS_SEEDS["baseline"])
     results["baseline"] = {k: v * weights[k] for k, v in baseline(out, binary).items()}
+    surplus = inputs["surplus"]
+    surplus_targets = [
+        {"labels": l, "masks": m.float()} for l, m in zip(surplus["gt_labels"], surplus["gt_masks"])
+    ]
+    prompt.mode = None
+    torch.manual_seed(LOSS_SEEDS["prompt_surplus"])
+    losses2 = prompt(
+        out,
+        surplus_targets,
+        inputs["candidate_ids"],
+        (~surplus["positive"]).float().repeat_interleave(K, dim=1),
+        surplus["supervised"].repeat_interleave(K, dim=1),
+    )
+    results["prompt_surplus"] = {k: v * weights2[k] for k, v in losses2.items()}
     return results
 
 
@@ -237,6 +281,7 @@ def generate(reference_root: Path, out_dir: Path) -> None:
     _move_off_init(decoder, generator)
     decoder.eval()
     inputs = _inputs(generator)
+    inputs["surplus"] = _surplus_case()
     bank_before = decoder.memory_bank.weight.detach().clone()
 
     draws: List[torch.Tensor] = []

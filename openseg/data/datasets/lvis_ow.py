@@ -35,7 +35,7 @@ from typing import Dict, List
 from detectron2.data import DatasetCatalog
 
 from .coco import coco_instance_metadata
-from .common import coco_instance_dicts, register_lazy, require
+from .common import coco_instance_dicts, load_json, register_lazy, require
 from .demo import (
     DEMO_DIRNAME,
     THING_CLASSES,
@@ -44,7 +44,7 @@ from .demo import (
     load_demo,
     split_paths,
 )
-from .lvis import lvis_v1_metadata
+from .lvis import add_federated_classes, lvis_v1_metadata
 
 PREPARE = (
     "python datasets/prepare_lvis_ow.py (needs lvis/lvis_v1_{train,val}.json and "
@@ -72,13 +72,19 @@ DEMO_OW_SHAPES_IMAGES = {"train": 800, "val": 400}
 
 
 def load_lvis_ow(root: Path, split: str) -> List[dict]:
-    """Instance dicts of one LVIS-OW split; contiguous category id = LVIS id - 1."""
+    """Instance dicts of one LVIS-OW split; contiguous category id = LVIS id - 1. Each record
+    also carries its image's LVIS federated lists (`lvis.add_federated_classes`; the
+    release's LVIS-OW loader keeps them for SegPrompt's class selection), read from the json's
+    image entries, which detectron2's COCO loader drops."""
     json_file = require(root / "lvis" / LVIS_OW_FILES[split], PREPARE)
     image_root = require(root / "coco", "download COCO 2017 images into $OPENSEG_DATASETS/coco")
     dicts = coco_instance_dicts(json_file, image_root, None)
+    images = {image["id"]: image for image in load_json(json_file)["images"]}
+    id_map = lvis_v1_metadata()["thing_dataset_id_to_contiguous_id"]
     for record in dicts:
         for annotation in record["annotations"]:
             annotation["category_id"] -= 1
+        add_federated_classes(record, images[record["image_id"]], id_map)
     return dicts
 
 
