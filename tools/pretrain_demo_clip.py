@@ -13,7 +13,8 @@ the unseen ones included; `openseg_demo_ov_shapes_*`).
         --output clip.pt -- MODEL.TEXT_EMBEDDING.PROMPT_TEMPLATES "['{}']"
 
 The CLIP (cfg.MODEL.CLIP.MODEL_NAME, or --model-name) starts from a seeded random init; the
-prompt templates are the config's (FC-CLIP's when empty). Prints the zero-shot accuracy per
+prompt templates are the config's (FC-CLIP's when empty), and the renders are resized to the
+config's test input size (INPUT.MIN_SIZE_TEST), the size the segmentation model sees. Prints the zero-shot accuracy per
 class on held-out renders at the end, seen and unseen classes separately.
 """
 import argparse
@@ -83,15 +84,21 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, float]:
     backbone = build_openclip_backbone(cfg, None)
     scenes = SCENES[args.scenes]
     logger.info(
-        "Pre-training %s on %s renders, templates %s", cfg.MODEL.CLIP.MODEL_NAME, args.scenes, templates
+        "Pre-training %s on %s renders at %d px, templates %s", cfg.MODEL.CLIP.MODEL_NAME,
+        args.scenes, cfg.INPUT.MIN_SIZE_TEST, templates,
     )
     start = time.perf_counter()
-    pretrain(backbone, templates, args.steps, args.batch_size, args.lr, args.log_period, scenes)
+    input_size = cfg.INPUT.MIN_SIZE_TEST
+    pretrain(
+        backbone, templates, args.steps, args.batch_size, args.lr, args.log_period, scenes, input_size
+    )
     logger.info("Pre-training took %.0f s", time.perf_counter() - start)
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     torch.save(backbone.clip_model.state_dict(), args.output)
     logger.info("Wrote %s (MODEL.CLIP.PRETRAINED_PATH)", args.output)
-    accuracy = zero_shot_accuracy(backbone, templates, args.held_out_images, scenes=scenes)
+    accuracy = zero_shot_accuracy(
+        backbone, templates, args.held_out_images, scenes=scenes, input_size=input_size
+    )
     print(f"Zero-shot accuracy on {args.held_out_images} held-out {args.scenes} renders (segments):")
     print(format_accuracy(accuracy, scenes))
     return accuracy

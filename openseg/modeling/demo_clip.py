@@ -73,11 +73,15 @@ def render_batch(
 
 
 def segment_embeddings(
-    backbone: OpenCLIPBackbone, images: Tensor, masks: Tensor, owners: Tensor
+    backbone: OpenCLIPBackbone, images: Tensor, masks: Tensor, owners: Tensor, input_size: int = 0
 ) -> Tensor:
     """[B, 3, H, W] 0-255 RGB images, [N, H, W] segment masks of image `owners` [N] -> [N, E]
     L2-normalised CLIP embeddings: the masks' coverage of each feature cell weights the mean of
-    `pooling_features` (as the segmentation oracle's mask classifier), then `embed_masks`."""
+    `pooling_features` (as the segmentation oracle's mask classifier), then `embed_masks`.
+    `input_size` > 0 resizes the images (bilinear) to the model's input size first, as the
+    config's INPUT.MIN_SIZE_TEST does to the segmentation model's images."""
+    if input_size and input_size != images.shape[-1]:
+        images = F.interpolate(images, size=(input_size, input_size), mode="bilinear", align_corners=False)
     mean = images.new_tensor(backbone.pixel_mean).view(1, -1, 1, 1)
     std = images.new_tensor(backbone.pixel_std).view(1, -1, 1, 1)
     features = backbone.pooling_features(backbone((images - mean) / std))
@@ -110,6 +114,7 @@ def pretrain(
     lr: float = 1e-3,
     log_period: int = 50,
     scenes: DemoScenes = DEMO,
+    input_size: int = 0,
 ) -> List[float]:
     """Train the whole CLIP of `backbone` (image and text towers, temperature) for `steps`
     AdamW steps on batches of `batch_size` "clip_pretrain" renders of `scenes` (step s uses
@@ -132,7 +137,7 @@ def pretrain(
         images, masks, labels, owners = render_batch(
             "clip_pretrain", range(step * batch_size, (step + 1) * batch_size), scenes
         )
-        regions = segment_embeddings(backbone, images, masks, owners)
+        regions = segment_embeddings(backbone, images, masks, owners, input_size)
         texts, text_labels = synonym_embeddings(backbone, templates, scenes)
         logits = logit_scale(backbone) * regions @ texts.t()
         loss = multi_positive_infonce(logits, labels[:, None] == text_labels[None, :])
@@ -158,6 +163,7 @@ def zero_shot_accuracy(
     num_images: int,
     batch_size: int = 32,
     scenes: DemoScenes = DEMO,
+    input_size: int = 0,
 ) -> Dict[str, float]:
     """Per-class accuracy of classifying the segments of the first `num_images` held-out
     renders ("clip_held_out") of `scenes` by CLIP alone: the class of the synonym most similar to the
@@ -173,7 +179,7 @@ def zero_shot_accuracy(
         images, masks, labels, owners = render_batch(
             "clip_held_out", range(start, min(start + batch_size, num_images)), scenes
         )
-        regions = segment_embeddings(backbone, images, masks, owners)
+        regions = segment_embeddings(backbone, images, masks, owners, input_size)
         predicted = max_over_synonyms(regions @ texts.t(), counts).argmax(dim=1)
         total += torch.bincount(labels, minlength=num_classes).float()
         correct += torch.bincount(labels[predicted == labels], minlength=num_classes).float()
