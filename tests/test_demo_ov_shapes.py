@@ -186,3 +186,22 @@ def test_pretrain_tool_shape_scenes_report_all_classes(tmp_path, capsys):
     assert list(accuracy) == CLASSES
     out = capsys.readouterr().out
     assert "crescent (unseen)" in out and "ellipse (seen)" in out and "held-out shapes renders" in out
+
+
+def test_pretraining_input_size_resizes_images_only():
+    from openseg.config import load_config
+    from openseg.modeling.backbones.clip import build_openclip_backbone
+    from openseg.modeling.demo_clip import segment_embeddings
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "demo" / "maftplus_pico_convnext.yaml"
+    torch.manual_seed(0)
+    backbone = build_openclip_backbone(load_config(str(config)), None).eval()
+    images, masks, _, owners = render_batch("clip_held_out", range(2), OV_SHAPES)
+    upsampled = torch.nn.functional.interpolate(images, scale_factor=2, mode="bilinear")
+    with torch.no_grad():
+        native = segment_embeddings(backbone, images, masks, owners)
+        assert torch.equal(segment_embeddings(backbone, images, masks, owners, 128), native)
+        resized = segment_embeddings(backbone, images, masks, owners, 256)
+        # masks stay at 128 px: their cell coverage is the same on the 8 x 8 grid of 256 px
+        by_hand = segment_embeddings(backbone, upsampled, masks, owners)
+    assert torch.allclose(resized, by_hand, atol=1e-6) and not torch.allclose(resized, native, atol=1e-3)
