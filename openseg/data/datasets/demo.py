@@ -10,6 +10,14 @@ Yu et al. NeurIPS 2023, Sec. 4).
 Files are generated deterministically (seeded numpy per image) on first use under
 `dataset_root()/openseg_demo` and regenerated only when the version stamp changes.
 
+`openseg_demo_ov_shapes_{train,val}` (`OV_SHAPES`) is the panoptic open-vocabulary split in
+the regime of "What holds back open-vocabulary segmentation?" (Sec. 4.4): the 12 shapes
+(THING_CLASSES + SHAPE_CLASSES) each flat in its own random colour, so only the outline tells
+the class, on the 4 stuff textures; the unseen classes (OV_SHAPES_UNSEEN) are drawn in
+training images too but left unlabelled (void), as COCO leaves ADE20K-only classes
+unlabelled (the labelling-policy shift), and val labels every class. Same files and writer as
+the demo (`DemoScenes` describes both), its own seed and directory.
+
 `generate_shape_scenes` renders a second family for open-world probes (used by
 `openseg_demo_ow_shapes_*`, see lvis_ow.py): 1-4 shapes of up to 12 geometries (THING_CLASSES
 and SHAPE_CLASSES), each flat in its own random colour, so the outline alone tells the class,
@@ -23,9 +31,10 @@ import json
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from panopticapi.utils import id2rgb
@@ -43,9 +52,10 @@ IGNORE_LABEL = 255
 NUM_IMAGES = {"train": 160, "val": 32}
 # image ids are globally unique: val ids start after this offset
 IMAGE_ID_OFFSET = {"train": 1, "val": 1_000_001}
-# image `index` of a stream is rendered from the seed [SEED, stream, index]: the dataset splits,
-# then the demo CLIP's pre-training images (its "web data", openseg.modeling.demo_clip) and its
-# held-out images, so no pre-training image is a train / val image
+# image `index` of a stream is rendered from the seed [DemoScenes.seed, stream, index]: the
+# dataset splits, then the demo CLIP's pre-training images (its "web data",
+# openseg.modeling.demo_clip) and its held-out images, so no pre-training image is a train /
+# val image
 SEED_STREAMS = {"train": 0, "val": 1, "clip_pretrain": 2, "clip_held_out": 3}
 
 THING_CLASSES = ["circle", "square", "triangle", "cross"]
@@ -61,6 +71,14 @@ SYNONYMS = {
     "grass": ["grass", "lawn", "meadow"],
     "water": ["water", "lake", "sea"],
     "sand": ["sand", "beach", "desert"],
+    "ellipse": ["ellipse", "oval"],
+    "diamond": ["diamond", "rhombus"],
+    "ring": ["ring", "annulus", "donut"],
+    "semicircle": ["semicircle", "half circle"],
+    "hexagon": ["hexagon", "hexagonal shape"],
+    "ell": ["ell", "L shape"],
+    "crescent": ["crescent", "crescent moon"],
+    "star": ["star", "five-pointed star"],
 }
 COLORS = {
     "circle": (220, 40, 40),
@@ -71,37 +89,76 @@ COLORS = {
     "grass": (60, 150, 50),
     "water": (20, 60, 140),
     "sand": (210, 180, 120),
+    # display colours only: shape scenes draw every shape in a random colour
+    "ellipse": (240, 130, 40),
+    "diamond": (40, 200, 200),
+    "ring": (200, 40, 140),
+    "semicircle": (120, 200, 60),
+    "hexagon": (90, 90, 230),
+    "ell": (160, 110, 60),
+    "crescent": (250, 200, 200),
+    "star": (250, 160, 0),
 }
 # further geometries for shape-only scenes (`generate_shape_scenes`): drawn in random colours,
 # so only the outline tells the class
 SHAPE_CLASSES = ["ellipse", "diamond", "ring", "semicircle", "hexagon", "ell", "crescent", "star"]
 SHAPES_VERSION = "openseg-demo-shapes-v1"
 SHAPES_SEED = 20261201
-# original (dataset) category ids: 1..8, things first, so contiguous id = dataset id - 1
-CATEGORY_IDS = {name: index + 1 for index, name in enumerate(ALL_CLASSES)}
 MIN_VISIBLE_PIXELS = 40
 MIN_VISIBLE_FRACTION = 0.5
 
+Segments = List[Tuple[str, np.ndarray]]
 
-def demo_metadata() -> dict:
-    """Metadata shared by both demo splits (file paths come from `split_paths`)."""
-    seen = [i for i, name in enumerate(ALL_CLASSES) if name not in UNSEEN_CLASSES]
-    unseen = [i for i, name in enumerate(ALL_CLASSES) if name in UNSEEN_CLASSES]
+
+@dataclass(frozen=True)
+class DemoScenes:
+    """A demo panoptic dataset: its classes (things first; dataset id = index + 1), the
+    unseen ones, and how image `index` of a `SEED_STREAMS` stream is rendered, from the rng
+    seeded [seed, stream, index]: `render(rng, stream)` -> ([H, W, 3] uint8 RGB, non-overlapping
+    (class name, bool mask) segments of everything drawn). Training labels never name an
+    unseen class: a renderer that draws them in "train" images leaves them void."""
+
+    dirname: str
+    version: str
+    seed: int
+    thing_classes: Tuple[str, ...]
+    classes: Tuple[str, ...]
+    unseen_classes: Tuple[str, ...]
+    render: Callable[[np.random.Generator, str], Tuple[np.ndarray, Segments]]
+    num_images: Tuple[Tuple[str, int], ...]
+
+    @property
+    def seen_classes(self) -> Tuple[str, ...]:
+        return tuple(name for name in self.classes if name not in self.unseen_classes)
+
+    def category_id(self, name: str) -> int:
+        """Dataset category id: things first, so contiguous id = dataset id - 1."""
+        return self.classes.index(name) + 1
+
+
+def demo_metadata(scenes: Optional[DemoScenes] = None) -> dict:
+    """Metadata shared by both splits of `scenes` (the demo by default; file paths come from
+    `split_paths`)."""
+    scenes = scenes or DEMO
+    classes, things = list(scenes.classes), list(scenes.thing_classes)
     return {
-        "thing_classes": list(THING_CLASSES),
-        "stuff_classes": list(ALL_CLASSES),
-        "thing_colors": [list(COLORS[name]) for name in THING_CLASSES],
-        "stuff_colors": [list(COLORS[name]) for name in ALL_CLASSES],
+        "thing_classes": things,
+        "stuff_classes": classes,
+        "thing_colors": [list(COLORS[name]) for name in things],
+        "stuff_colors": [list(COLORS[name]) for name in classes],
         "thing_dataset_id_to_contiguous_id": {
-            CATEGORY_IDS[name]: i for i, name in enumerate(THING_CLASSES)
+            scenes.category_id(name): i for i, name in enumerate(things)
         },
         "stuff_dataset_id_to_contiguous_id": {
-            CATEGORY_IDS[name]: i for i, name in enumerate(ALL_CLASSES)
+            scenes.category_id(name): i for i, name in enumerate(classes)
         },
         "ignore_label": IGNORE_LABEL,
         "label_divisor": LABEL_DIVISOR,
-        "class_splits": {"seen": seen, "unseen": unseen},
-        "synonyms": [list(SYNONYMS[name]) for name in ALL_CLASSES],
+        "class_splits": {
+            "seen": [classes.index(name) for name in scenes.seen_classes],
+            "unseen": [classes.index(name) for name in classes if name in scenes.unseen_classes],
+        },
+        "synonyms": [list(SYNONYMS[name]) for name in classes],
         "evaluators": ["panoptic", "semantic", "instance"],
     }
 
@@ -230,10 +287,23 @@ def _place_things(
     return [(name, visible) for name, _, visible in placed]
 
 
-def render_image(stream: str, index: int) -> Tuple[np.ndarray, List[Tuple[str, np.ndarray]]]:
-    """Image `index` of a `SEED_STREAMS` stream ([H, W, 3] uint8 RGB) and its non-overlapping
-    (class name, bool mask) segments; only the "train" stream leaves out the unseen classes."""
-    return _render(np.random.default_rng([SEED, SEED_STREAMS[stream], index]), stream)
+def render_image(
+    stream: str, index: int, scenes: Optional[DemoScenes] = None
+) -> Tuple[np.ndarray, Segments]:
+    """Image `index` of a `SEED_STREAMS` stream of `scenes` (the demo by default): [H, W, 3]
+    uint8 RGB and the non-overlapping (class name, bool mask) segments of everything drawn.
+    The demo leaves the unseen classes out of "train" images; the open-vocabulary shapes draw
+    them in every stream (their training labels leave them void, `labelled_segments`)."""
+    scenes = scenes or DEMO
+    return scenes.render(np.random.default_rng([scenes.seed, SEED_STREAMS[stream], index]), stream)
+
+
+def labelled_segments(scenes: DemoScenes, split: str, segments: Segments) -> Segments:
+    """The segments a `split` image is labelled with: all, except that training labels leave
+    the unseen classes void (Sec. 4.4's labelling-policy shift when the image draws them)."""
+    if split != "train":
+        return list(segments)
+    return [(name, mask) for name, mask in segments if name not in scenes.unseen_classes]
 
 
 def _render(
@@ -266,18 +336,58 @@ def _random_colour(rng: np.random.Generator) -> np.ndarray:
 
 def _render_shapes(
     rng: np.random.Generator, thing_names: Sequence[str]
-) -> Tuple[np.ndarray, List[Tuple[str, np.ndarray]]]:
+) -> Tuple[np.ndarray, Segments]:
     """One image of 1-4 shapes of `thing_names`, each flat in its own random colour, on the
-    stuff textures; returns the image and the shapes' (class name, visible mask)."""
+    stuff textures; returns the image and its non-overlapping (class name, visible mask)
+    segments, stuff first (the stuff bands minus the shapes)."""
     stuff = _stuff_layout(rng, STUFF_ONLY_CLASSES, IMAGE_SIZE)
     things = _place_things(rng, thing_names, IMAGE_SIZE)
     image = np.zeros((IMAGE_SIZE, IMAGE_SIZE, 3), np.float32)
     for name, mask in stuff:
         image[mask] = _texture(name, rng, IMAGE_SIZE)[mask]
+    thing_union = np.zeros((IMAGE_SIZE, IMAGE_SIZE), bool)
     for _, mask in things:
         image[mask] = _random_colour(rng)
+        thing_union |= mask
     image += rng.normal(0.0, 8.0, size=image.shape)
-    return np.clip(np.round(image), 0, 255).astype(np.uint8), things
+    visible_stuff = [(name, mask & ~thing_union) for name, mask in stuff]
+    segments = [(name, mask) for name, mask in visible_stuff if mask.any()]
+    return np.clip(np.round(image), 0, 255).astype(np.uint8), segments + things
+
+
+DEMO = DemoScenes(
+    dirname=DEMO_DIRNAME,
+    version=DEMO_VERSION,
+    seed=SEED,
+    thing_classes=tuple(THING_CLASSES),
+    classes=tuple(ALL_CLASSES),
+    unseen_classes=UNSEEN_CLASSES,
+    render=_render,
+    num_images=tuple(NUM_IMAGES.items()),
+)
+
+OV_SHAPES_THINGS = tuple(THING_CLASSES + SHAPE_CLASSES)
+# unseen: drawn in training images but never labelled there; the demo's two and the other two
+# unseen shapes of the open-world shapes split (lvis_ow.DEMO_OW_SHAPES_SPLITS)
+OV_SHAPES_UNSEEN = ("cross", "crescent", "star", "sand")
+
+
+def _render_ov_shapes(rng: np.random.Generator, stream: str) -> Tuple[np.ndarray, Segments]:
+    """An open-vocabulary shapes image: every stream draws all 12 shapes."""
+    return _render_shapes(rng, OV_SHAPES_THINGS)
+
+OV_SHAPES = DemoScenes(
+    dirname="openseg_demo_ov_shapes",
+    version="openseg-demo-ov-shapes-v1",
+    seed=20261202,
+    thing_classes=OV_SHAPES_THINGS,
+    classes=OV_SHAPES_THINGS + tuple(STUFF_ONLY_CLASSES),
+    unseen_classes=OV_SHAPES_UNSEEN,
+    render=_render_ov_shapes,
+    num_images=(("train", 400), ("val", 100)),
+)
+# the scene families of demo CLIP pre-training (tools/pretrain_demo_clip.py --scenes)
+SCENES = {"demo": DEMO, "shapes": OV_SHAPES}
 
 
 def _mask_record(mask: np.ndarray) -> dict:
@@ -291,7 +401,9 @@ def _mask_record(mask: np.ndarray) -> dict:
     }
 
 
-def _write_split(out_dir: Path, split: str, num_images: int) -> None:
+def _write_split(out_dir: Path, split: str, num_images: int, scenes: DemoScenes) -> None:
+    """Images, panoptic PNGs + JSON, semantic PNGs and instance JSON of `num_images` images of
+    `split`; segments left out of the labels (`labelled_segments`) are void everywhere."""
     paths = {key: Path(value) for key, value in split_paths(out_dir, split).items()}
     for key in ("image_root", "panoptic_root", "sem_seg_root"):
         paths[key].mkdir(parents=True, exist_ok=True)
@@ -299,7 +411,8 @@ def _write_split(out_dir: Path, split: str, num_images: int) -> None:
 
     images, pan_annotations, instance_annotations = [], [], []
     for index in range(num_images):
-        image, segments = render_image(split, index)
+        image, segments = render_image(split, index, scenes)
+        segments = labelled_segments(scenes, split, segments)
         image_id = IMAGE_ID_OFFSET[split] + index
         stem = f"{image_id:07d}"
         Image.fromarray(image).save(paths["image_root"] / f"{stem}.jpg", quality=95)
@@ -308,7 +421,7 @@ def _write_split(out_dir: Path, split: str, num_images: int) -> None:
         semantic = np.full((IMAGE_SIZE, IMAGE_SIZE), IGNORE_LABEL, np.uint8)
         segments_info = []
         for instance_index, (name, mask) in enumerate(segments):
-            category_id = CATEGORY_IDS[name]
+            category_id = scenes.category_id(name)
             segment_id = category_id * LABEL_DIVISOR + instance_index + 1
             pan_ids[mask] = segment_id
             semantic[mask] = category_id - 1
@@ -322,7 +435,7 @@ def _write_split(out_dir: Path, split: str, num_images: int) -> None:
                     "bbox": record["bbox"],
                 }
             )
-            if name in THING_CLASSES:
+            if name in scenes.thing_classes:
                 instance_annotations.append(
                     {
                         "id": len(instance_annotations) + 1,
@@ -343,13 +456,13 @@ def _write_split(out_dir: Path, split: str, num_images: int) -> None:
 
     categories = [
         {
-            "id": CATEGORY_IDS[name],
+            "id": scenes.category_id(name),
             "name": name,
-            "supercategory": "shape" if name in THING_CLASSES else "texture",
-            "isthing": int(name in THING_CLASSES),
+            "supercategory": "shape" if name in scenes.thing_classes else "texture",
+            "isthing": int(name in scenes.thing_classes),
             "color": list(COLORS[name]),
         }
-        for name in ALL_CLASSES
+        for name in scenes.classes
     ]
     panoptic = {"images": images, "annotations": pan_annotations, "categories": categories}
     instances = {
@@ -395,17 +508,21 @@ def _generate_atomically(demo_dir: Path, stamp: str, write: Callable[[Path], Non
 
 
 def generate_demo(
-    root: os.PathLike, num_train: int = NUM_IMAGES["train"], num_val: int = NUM_IMAGES["val"]
+    root: os.PathLike,
+    num_train: int = NUM_IMAGES["train"],
+    num_val: int = NUM_IMAGES["val"],
+    scenes: Optional[DemoScenes] = None,
 ) -> Path:
-    """Make `root/openseg_demo` hold the demo dataset with these split sizes; return its path
-    (written atomically, see `_generate_atomically`)."""
+    """Make `root/<scenes.dirname>` hold the dataset `scenes` (the demo by default) with these
+    split sizes; return its path (written atomically, see `_generate_atomically`)."""
+    scenes = scenes or DEMO
 
     def write(directory: Path) -> None:
-        _write_split(directory, "train", num_train)
-        _write_split(directory, "val", num_val)
+        _write_split(directory, "train", num_train, scenes)
+        _write_split(directory, "val", num_val, scenes)
 
-    stamp = _version_stamp({"train": num_train, "val": num_val})
-    return _generate_atomically(Path(root) / DEMO_DIRNAME, stamp, write)
+    stamp = _version_stamp({"train": num_train, "val": num_val}, scenes.version)
+    return _generate_atomically(Path(root) / scenes.dirname, stamp, write)
 
 
 def _write_shape_split(
@@ -420,7 +537,8 @@ def _write_shape_split(
     split_index = sorted(NUM_IMAGES).index(split)
     for index in range(num_images):
         rng = np.random.default_rng([SHAPES_SEED, split_index, index])
-        image, things = _render_shapes(rng, drawn)
+        image, segments = _render_shapes(rng, drawn)
+        things = [(name, mask) for name, mask in segments if name in classes]
         image_id = IMAGE_ID_OFFSET[split] + index
         file_name = f"{image_id:07d}.jpg"
         Image.fromarray(image).save(paths["image_root"] / file_name, quality=95)
@@ -467,12 +585,13 @@ def generate_shape_scenes(
     return _generate_atomically(Path(demo_dir), stamp, write)
 
 
-def load_demo(demo_dir: os.PathLike, split: str) -> List[dict]:
-    """Dataset dicts of one split from its standard files, with panoptic segments, semantic
-    map and instance annotations (category ids contiguous, as detectron2's loaders give)."""
+def load_demo(demo_dir: os.PathLike, split: str, scenes: Optional[DemoScenes] = None) -> List[dict]:
+    """Dataset dicts of one split of `scenes` (the demo by default) from its standard files,
+    with panoptic segments, semantic map and instance annotations (category ids contiguous,
+    as detectron2's loaders give)."""
     demo_dir = Path(demo_dir)
     paths = split_paths(demo_dir, split)
-    meta = demo_metadata()
+    meta = demo_metadata(scenes)
     panoptic = coco_panoptic_dicts(
         paths["panoptic_json"], paths["image_root"], paths["panoptic_root"], meta
     )
@@ -497,17 +616,20 @@ def load_demo(demo_dir: os.PathLike, split: str) -> List[dict]:
     return dicts
 
 
-def _load_generated(root: Path, split: str) -> List[dict]:
-    return load_demo(generate_demo(root), split)
+def _load_generated(root: Path, split: str, scenes: DemoScenes) -> List[dict]:
+    counts = dict(scenes.num_images)
+    demo_dir = generate_demo(root, counts["train"], counts["val"], scenes)
+    return load_demo(demo_dir, split, scenes)
 
 
 def register_all_demo(root: Path) -> None:
-    """Register `openseg_demo_{train,val}`; files are generated on the first load."""
-    demo_dir = Path(root) / DEMO_DIRNAME
-    for split in NUM_IMAGES:
-        register_lazy(
-            f"openseg_demo_{split}",
-            partial(_load_generated, Path(root), split),
-            **demo_metadata(),
-            **split_paths(demo_dir, split),
-        )
+    """Register `openseg_demo_{train,val}` and `openseg_demo_ov_shapes_{train,val}`; files are
+    generated on the first load."""
+    for prefix, scenes in (("openseg_demo", DEMO), ("openseg_demo_ov_shapes", OV_SHAPES)):
+        for split, _ in scenes.num_images:
+            register_lazy(
+                f"{prefix}_{split}",
+                partial(_load_generated, Path(root), split, scenes),
+                **demo_metadata(scenes),
+                **split_paths(Path(root) / scenes.dirname, split),
+            )
