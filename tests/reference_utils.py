@@ -13,6 +13,8 @@ import pytest
 import torch
 from detectron2.structures import Instances
 
+from openseg.modeling.meta_arch.maskformer import OpenSegMaskFormer
+
 FIXTURES = Path(__file__).parent / "fixtures" / "reference"
 # outputs agree within 1e-5 of their magnitude (mask logits reach ~30, backbone features ~6000)
 TOLERANCE = 1e-5
@@ -113,8 +115,6 @@ def postprocess_release_outputs(
     logits [B, Q, K+1] and mask logits [B, Q, h, w]. It isolates post-processing from the
     ~1e-6 differences of the layers before it (each compared on its own), which the semantic
     map's sigmoids and sums over queries can amplify past 1e-5 on some CPUs."""
-    from openseg.modeling.meta_arch.maskformer import OpenSegMaskFormer
-
     inputs = detectron2_inputs(reference)
     with torch.no_grad():
         images = model.preprocess_images(inputs)

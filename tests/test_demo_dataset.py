@@ -11,9 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data import MetadataCatalog
 from detectron2.evaluation import COCOEvaluator, COCOPanopticEvaluator, SemSegEvaluator
 from detectron2.structures import BitMasks, Instances
+from demo_utils import demo_registered_at
 from panopticapi.evaluation import pq_compute
 from panopticapi.utils import rgb2id
 from PIL import Image
@@ -22,13 +23,11 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 import openseg.data  # noqa: F401  registers the datasets
-from openseg.data.datasets.common import dataset_root
 from openseg.data.datasets.demo import (
     SEED,
     _render,
     _shape_mask,
     generate_demo,
-    register_all_demo,
 )
 
 # sha256 of the first three renders of each split (test_renders_of_the_demo_splits_are_pinned)
@@ -40,11 +39,8 @@ def demo_root(tmp_path_factory):
     """The full demo generated once into a temporary root, registered there; the default
     registration is restored afterwards."""
     root = tmp_path_factory.mktemp("datasets")
-    register_all_demo(root)
-    train = DatasetCatalog.get("openseg_demo_train")
-    val = DatasetCatalog.get("openseg_demo_val")
-    yield root, train, val
-    register_all_demo(dataset_root())
+    with demo_registered_at(root, "openseg_demo") as (train, val):
+        yield root, train, val
 
 
 def _tree_digest(directory: Path) -> dict:

@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data import MetadataCatalog
+from demo_utils import demo_registered_at
 from panopticapi.evaluation import pq_compute
 from panopticapi.utils import rgb2id
 from PIL import Image
@@ -20,7 +21,6 @@ from pycocotools.coco import COCO
 from script_utils import load_script
 
 import openseg.data  # noqa: F401  registers the datasets
-from openseg.data.datasets.common import dataset_root
 from openseg.data.datasets.demo import (
     DEMO,
     OV_SHAPES,
@@ -28,11 +28,10 @@ from openseg.data.datasets.demo import (
     SHAPES_SEED,
     _render_shapes,
     generate_demo,
-    register_all_demo,
     render_image,
 )
 from openseg.data.datasets.lvis_ow import DEMO_OW_SHAPES_CLASSES
-from openseg.modeling.demo_clip import render_batch, vocabulary
+from openseg.modeling.demo_clip import render_batch
 
 CLASSES = [
     "circle", "square", "triangle", "cross", "ellipse", "diamond", "ring", "semicircle",
@@ -49,11 +48,8 @@ def ov_root(tmp_path_factory):
     """The registered split generated once into a temporary root; the default registration is
     restored afterwards."""
     root = tmp_path_factory.mktemp("datasets")
-    register_all_demo(root)
-    train = DatasetCatalog.get("openseg_demo_ov_shapes_train")
-    val = DatasetCatalog.get("openseg_demo_ov_shapes_val")
-    yield root, train, val
-    register_all_demo(dataset_root())
+    with demo_registered_at(root, "openseg_demo_ov_shapes") as (train, val):
+        yield root, train, val
 
 
 def _pan_ids(record) -> np.ndarray:
@@ -173,7 +169,7 @@ def test_pretraining_shape_scenes_are_disjoint_and_hold_every_class():
             assert (masks[owners == b].sum(dim=0) == 1).all()
         names |= {CLASSES[i] for i in labels.tolist()}
     assert names == set(CLASSES)  # the unseen classes too
-    assert vocabulary(OV_SHAPES)[CLASSES.index("star")][0] == "star"
+    assert OV_SHAPES.synonyms[CLASSES.index("star")][0] == "star"
 
 
 def test_pretrain_tool_shape_scenes_report_all_classes(tmp_path, capsys):

@@ -82,13 +82,12 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, float]:
     templates = list(cfg.MODEL.TEXT_EMBEDDING.PROMPT_TEMPLATES) or list(FCCLIP_PROMPT_TEMPLATES)
     torch.manual_seed(args.seed)
     backbone = build_openclip_backbone(cfg, None)
-    scenes = SCENES[args.scenes]
+    scenes, input_size = SCENES[args.scenes], cfg.INPUT.MIN_SIZE_TEST
     logger.info(
         "Pre-training %s on %s renders at %d px, templates %s", cfg.MODEL.CLIP.MODEL_NAME,
-        args.scenes, cfg.INPUT.MIN_SIZE_TEST, templates,
+        args.scenes, input_size, templates,
     )
     start = time.perf_counter()
-    input_size = cfg.INPUT.MIN_SIZE_TEST
     pretrain(
         backbone, templates, args.steps, args.batch_size, args.lr, args.log_period, scenes, input_size
     )

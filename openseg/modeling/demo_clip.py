@@ -26,17 +26,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..data.datasets.demo import DEMO, SYNONYMS, DemoScenes, render_image
+from ..data.datasets.demo import DEMO, DemoScenes, render_image
 from .backbones.clip import OpenCLIPBackbone
 from .text import encode_vocabulary, max_over_synonyms, synonym_counts
 
 logger = logging.getLogger(__name__)
-
-
-
-def vocabulary(scenes: DemoScenes) -> List[List[str]]:
-    """The synonyms of every class of `scenes`, in class order."""
-    return [list(SYNONYMS[name]) for name in scenes.classes]
 
 
 def multi_positive_infonce(logits: Tensor, positives: Tensor) -> Tensor:
@@ -95,8 +89,8 @@ def synonym_embeddings(
 ) -> Tuple[Tensor, Tensor]:
     """[S, E] embeddings of every synonym of the vocabulary of `scenes` (mean over `templates`)
     and the class id of each [S]; differentiable (the backbone's text tower)."""
-    embeddings = encode_vocabulary(backbone, vocabulary(scenes), templates, per_name=True)
-    counts = synonym_counts(vocabulary(scenes))
+    embeddings = encode_vocabulary(backbone, scenes.synonyms, templates, per_name=True)
+    counts = synonym_counts(scenes.synonyms)
     labels = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
     return embeddings, labels.to(embeddings.device)
 
@@ -171,7 +165,7 @@ def zero_shot_accuracy(
     was_training = backbone.clip_model.training
     backbone.clip_model.eval()
     texts, _ = synonym_embeddings(backbone, templates, scenes)
-    counts = synonym_counts(vocabulary(scenes))
+    counts = synonym_counts(scenes.synonyms)
     num_classes = len(scenes.classes)
     correct = torch.zeros(num_classes)
     total = torch.zeros(num_classes)

@@ -131,6 +131,11 @@ class DemoScenes:
     def seen_classes(self) -> Tuple[str, ...]:
         return tuple(name for name in self.classes if name not in self.unseen_classes)
 
+    @property
+    def synonyms(self) -> List[List[str]]:
+        """The synonyms of every class, in class order (the datasets' vocabulary)."""
+        return [list(SYNONYMS[name]) for name in self.classes]
+
     def category_id(self, name: str) -> int:
         """Dataset category id: things first, so contiguous id = dataset id - 1."""
         return self.classes.index(name) + 1
@@ -158,7 +163,7 @@ def demo_metadata(scenes: Optional[DemoScenes] = None) -> dict:
             "seen": [classes.index(name) for name in scenes.seen_classes],
             "unseen": [classes.index(name) for name in classes if name in scenes.unseen_classes],
         },
-        "synonyms": [list(SYNONYMS[name]) for name in classes],
+        "synonyms": scenes.synonyms,
         "evaluators": ["panoptic", "semantic", "instance"],
     }
 
@@ -375,6 +380,7 @@ OV_SHAPES_UNSEEN = ("cross", "crescent", "star", "sand")
 def _render_ov_shapes(rng: np.random.Generator, stream: str) -> Tuple[np.ndarray, Segments]:
     """An open-vocabulary shapes image: every stream draws all 12 shapes."""
     return _render_shapes(rng, OV_SHAPES_THINGS)
+
 
 OV_SHAPES = DemoScenes(
     dirname="openseg_demo_ov_shapes",
@@ -625,10 +631,10 @@ def _load_generated(root: Path, split: str, scenes: DemoScenes) -> List[dict]:
 def register_all_demo(root: Path) -> None:
     """Register `openseg_demo_{train,val}` and `openseg_demo_ov_shapes_{train,val}`; files are
     generated on the first load."""
-    for prefix, scenes in (("openseg_demo", DEMO), ("openseg_demo_ov_shapes", OV_SHAPES)):
+    for scenes in (DEMO, OV_SHAPES):
         for split, _ in scenes.num_images:
             register_lazy(
-                f"{prefix}_{split}",
+                f"{scenes.dirname}_{split}",
                 partial(_load_generated, Path(root), split, scenes),
                 **demo_metadata(scenes),
                 **split_paths(Path(root) / scenes.dirname, split),
